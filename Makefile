@@ -1,0 +1,27 @@
+# `make run` and `make test` work on a fresh machine: they create .venv and install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# constraints.txt pins the CPU build of torch so pip never pulls a multi-GB CUDA build here
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: install run test lint bench
+install: $(VENV)/.installed
+
+run: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem ask "I lost my card"
+
+test: install
+	$(VENV)/bin/ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) -m bench

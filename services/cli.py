@@ -1,0 +1,259 @@
+"""The ``tandem`` command line.
+
+Every command prints a one-line error and exits with status 2 on bad input; a
+traceback means a bug in Tandem.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.errors import TandemError
+
+app = typer.Typer(help="Tandem: BERT understands the customer, GPT writes the reply.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def friendly(command: Callable) -> Callable:
+    """Turn Tandem's own errors into a one-line message and exit status 2."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TandemError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A ``(stage, done, total)`` callback that drives one rich bar per stage."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _settings():
+    from pipeline.settings import Settings
+
+    return Settings()
+
+
+def _load_pipeline(load_responder: bool = True):
+    from pipeline.chain import HybridPipeline
+
+    _quiet_libraries()
+    with progress_bars() as progress:
+        progress("loading models", 0, 1)
+        pipeline = HybridPipeline.from_settings(_settings(), progress=progress, load_responder=load_responder)
+        progress("loading models", 1, 1)
+    return pipeline
+
+
+@app.command("train-intents")
+@friendly
+def train_intents(
+    train_csv: Annotated[Path, typer.Argument(help="CSV with a text and a label column")],
+    out: Annotated[Path, typer.Option("--out", help="artifact folder to write")],
+    text_col: Annotated[str, typer.Option("--text-col")] = "text",
+    label_col: Annotated[str, typer.Option("--label-col")] = "label",
+    method: Annotated[str, typer.Option("--method", help="head | finetune | lora")] = "head",
+    val_split: Annotated[float, typer.Option("--val-split", min=0.0, max=0.5)] = 0.1,
+    lexical: Annotated[bool, typer.Option("--lexical/--no-lexical", help="fuse with the n-gram model")] = True,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 4,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_train: Annotated[int | None, typer.Option("--max-train", help="use at most this many rows")] = None,
+) -> None:
+    """Train an intent classifier from a CSV."""
+    from pipeline.classifier import IntentClassifier, TrainConfig
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.encoder import SentenceEncoder
+
+    if method not in ("head", "finetune", "lora"):
+        raise typer.BadParameter("must be head, finetune or lora", param_hint="--method")
+    texts, labels = read_labelled_csv(train_csv, text_col, label_col)
+    settings = _settings()
+    _quiet_libraries()
+    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
+                              settings.encoder_max_length)
+    config = TrainConfig(method=method, val_split=val_split, lexical=lexical, epochs=epochs, seed=seed,
+                         oos_label=settings.oos_label, max_train=max_train)
+    with progress_bars() as progress:
+        model = IntentClassifier.train(encoder, texts, labels, config, progress, out=out)
+    console.print(f"trained [bold]{len(model.labels)}[/] intents ({method}) in {model.metrics['train_seconds']} s; "
+                  f"validation accuracy {model.metrics['val_accuracy']}; saved to {out}")
+
+
+@app.command("eval-intents")
+@friendly
+def eval_intents(
+    test_csv: Annotated[Path, typer.Argument(help="CSV with a text and a label column")],
+    model: Annotated[Path | None, typer.Option("--model", help="artifact folder (default: the shipped model)")] = None,
+    text_col: Annotated[str, typer.Option("--text-col")] = "text",
+    label_col: Annotated[str, typer.Option("--label-col")] = "label",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON here")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="write a confusion-matrix PNG here")] = None,
+) -> None:
+    """Accuracy, macro-F1 and out-of-scope figures of an intent model on labelled data."""
+    from pipeline.chain import load_intent_model
+    from pipeline.classifier import evaluate
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.encoder import SentenceEncoder
+
+    texts, labels = read_labelled_csv(test_csv, text_col, label_col)
+    settings = _settings()
+    if model is not None:
+        settings.intent_model = model
+    _quiet_libraries()
+    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
+                              settings.encoder_max_length)
+    with progress_bars() as progress:
+        classifier = load_intent_model(settings, encoder, progress)
+        report, predicted = evaluate(classifier, encoder, texts, labels,
+                                     progress=lambda n: progress("encode", n, len(texts)))
+    table = Table("metric", "value")
+    for key, value in report.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    print(json.dumps(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+    if plot:
+        _confusion_plot(labels, predicted, plot)
+
+
+def _confusion_plot(gold: list[str], predicted: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = sorted(set(gold) | set(predicted))
+    position = {n: i for i, n in enumerate(names)}
+    matrix = np.zeros((len(names), len(names)))
+    for g, p in zip(gold, predicted):
+        matrix[position[g], position[p]] += 1
+    matrix /= matrix.sum(axis=1, keepdims=True).clip(min=1)
+    size = max(6, len(names) * 0.18)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(names)), names, fontsize=5)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+@app.command("index")
+@friendly
+def index(
+    kb_dir: Annotated[Path, typer.Argument(help="folder of Markdown articles, or a JSONL file")],
+    out: Annotated[Path, typer.Option("--out", help="index folder to write or update")],
+) -> None:
+    """Build or update a knowledge index (only changed articles are re-embedded)."""
+    from pipeline.encoder import SentenceEncoder
+    from pipeline.knowledge import KnowledgeIndex, load_articles
+
+    articles = load_articles(kb_dir)
+    settings = _settings()
+    _quiet_libraries()
+    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
+                              settings.encoder_max_length)
+    if (out / "meta.json").is_file():
+        knowledge = KnowledgeIndex.load(out)
+    else:
+        knowledge = KnowledgeIndex(encoder.dim, encoder.identity, settings.exact_index_max, settings.chunk_words)
+    if knowledge.encoder != encoder.identity:
+        raise TandemError(f"{out} was built with encoder {knowledge.encoder!r}; this one is {encoder.identity!r}: "
+                          f"write a new index folder")
+    with progress_bars() as progress:
+        def embed(texts: list[str]):
+            return encoder.encode(texts, progress=lambda n: progress("embedding", n, len(texts)))
+        counts = knowledge.upsert(articles, embed)
+    counts["deleted"] = knowledge.delete(set(knowledge.articles) - {a.id for a in articles})
+    knowledge.save(out)
+    console.print(f"{len(knowledge.articles)} articles, {len(knowledge)} vectors ({knowledge.kind} index), "
+                  f"version {knowledge.version}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command("ask")
+@friendly
+def ask(
+    message: Annotated[str, typer.Argument(help="the customer's message ('-' reads standard input)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole result as JSON")] = False,
+) -> None:
+    """Answer one message, streaming the reply as it is written."""
+    from pipeline.chain import Done, Meta, Token
+
+    if message == "-":
+        message = sys.stdin.buffer.read()
+    elif isinstance(message, str):
+        # argv holds undecodable bytes as surrogates; hand them on as bytes so the check names them.
+        message = message.encode("utf-8", "surrogateescape")
+    pipeline = _load_pipeline()
+    result = None
+    for event in pipeline.stream(message):
+        if isinstance(event, Meta) and not as_json:
+            u = event.understanding
+            err.print(f"[dim]intent[/] [bold]{u.intent}[/] [dim]({u.confidence:.2f})"
+                      f"{'  escalate' if u.escalate else ''}  sources: "
+                      f"{', '.join(dict.fromkeys(p.article_id for p in u.passages[:2])) or '-'}[/]", highlight=False)
+        elif isinstance(event, Token) and not as_json:
+            console.print(event.text, end="", highlight=False, markup=False, soft_wrap=True)
+        elif isinstance(event, Done):
+            result = event.result
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        return
+    console.print()
+    if not result.grounded:
+        console.print("[yellow]The draft above was not supported by the help articles; the answer quoted from "
+                      "them is:[/]")
+        console.print(result.reply, highlight=False, markup=False)
+    shown = {p["article_id"]: p for p in reversed(result.passages) if p["article_id"] in result.sources}
+    for passage in reversed(shown.values()):
+        err.print(f"[dim]source: {passage['title']} {passage['url']}[/]", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

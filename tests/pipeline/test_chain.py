@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.chain import HANDOFF_REPLY, OOS_REPLY, Done, Meta, Token, clean_message
+from pipeline.errors import InputError
+from pipeline.evaluation import grounding_eval, load_questions, retrieval_recall
+from pipeline.settings import PACKAGE_DATA
+
+RESULT_KEYS = {"intent", "confidence", "top_intents", "passages", "reply", "grounded", "escalate", "timings_ms"}
+
+
+@pytest.mark.parametrize("message, error", [
+    ("", "empty"), ("   \n\t ", "empty"), ("x" * 100_000, "100000 characters"),
+    (b"caf\xe9", "not valid UTF-8"), (None, "must be text"),
+])
+def test_bad_messages_are_rejected_clearly(message, error):
+    with pytest.raises(InputError, match=error):
+        clean_message(message, 4000)
+
+
+def test_control_characters_are_dropped():
+    assert clean_message("hi\x00 there\x1b", 100) == "hi there"
+
+
+def test_lost_card_streams_a_grounded_reply(pipeline):
+    events = list(pipeline.stream("I lost my card"))
+    assert isinstance(events[0], Meta) and isinstance(events[-1], Done)
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert len(tokens) > 3
+    result = events[-1].result
+    assert set(result.to_dict()) >= RESULT_KEYS
+    assert result.intent == "lost_or_stolen_card" and not result.escalate
+    assert "lost-or-stolen-card" in result.sources
+    assert all({"article_id", "score", "text"} <= set(p) for p in result.passages)
+    assert result.reply.strip()
+    assert {"encode", "classify", "retrieve", "first_token", "generate", "guard", "total"} <= set(result.timings_ms)
+    if result.grounded:
+        assert result.reply == "".join(t.text for t in tokens).strip()
+
+
+def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the generator must not run for out-of-scope messages")
+
+    monkeypatch.setattr(pipeline.responder, "stream", no_generation)
+    result = pipeline.run("asdkjh qwe zzzz")
+    assert result.intent == "oos" and result.reply == OOS_REPLY
+    assert result.passages == [] and result.sources == [] and not result.escalate
+
+
+def test_handoff_intent_escalates_without_generation(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: iter(()))
+    result = pipeline.run("There is a payment on my card I did not make, someone else used it")
+    assert result.intent in pipeline.settings.handoff_intents
+    assert result.escalate and result.reply == HANDOFF_REPLY
+
+
+def test_batch_understanding_matches_single(pipeline):
+    messages = ["How do I change my PIN?", "What is the exchange rate?", "My top up failed"]
+    batch = pipeline.understand(messages)
+    single = [pipeline.understand([m])[0] for m in messages]
+    assert [b.intent for b in batch] == [s.intent for s in single]
+    assert [b.passages[0].article_id for b in batch] == [s.passages[0].article_id for s in single]
+
+
+def test_retrieval_recall_on_a_banking77_sample(pipeline, banking77_test):
+    texts, labels = banking77_test
+    report = retrieval_recall(pipeline, texts[::10], labels[::10], k=3)
+    assert report["n"] == 308
+    assert report["recall_routed"] >= 0.95
+    assert report["recall_vector_only"] >= 0.75
+
+
+def test_guard_leaves_no_unsupported_numbers_on_a_grounding_sample(pipeline):
+    questions = load_questions(PACKAGE_DATA / "eval" / "grounding.jsonl")
+    assert len(questions) >= 60
+    report = grounding_eval(pipeline, questions[::12])
+    assert report["unsupported_number_rate_after_guard"] == 0.0
+    assert report["key_fact_recall_after_guard"] >= report["key_fact_recall_before_guard"]
+
+
+def test_edited_knowledge_base_is_picked_up_without_a_rebuild(settings, encoder, tmp_path):
+    import shutil
+
+    from pipeline.chain import load_or_build_index
+
+    kb = tmp_path / "kb"
+    shutil.copytree(settings.kb_dir, kb)
+    local = settings.model_copy(update={"kb_dir": kb, "data_dir": tmp_path / "data"})
+    first = load_or_build_index(local, encoder)
+    (kb / "age-limit.md").unlink()
+    again = load_or_build_index(local, encoder)
+    assert "age-limit" not in again.articles and again.version != first.version
+    assert len(again.articles) == 76

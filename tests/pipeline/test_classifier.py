@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from pipeline.classifier import IntentClassifier, TrainConfig, _fit_temperature, _tune_threshold, evaluate
+from pipeline.errors import InputError, ModelLoadError
+from pipeline.settings import Settings
+
+from ..conftest import BANKING77
+
+
+def sample(texts, labels, classes, per_class, seed=0):
+    rng = random.Random(seed)
+    rows = [(t, y) for t, y in zip(texts, labels) if y in classes]
+    rng.shuffle(rows)
+    picked, count = [], dict.fromkeys(classes, 0)
+    for t, y in rows:
+        if count[y] < per_class:
+            picked.append((t, y))
+            count[y] += 1
+    return [t for t, _ in picked], [y for _, y in picked]
+
+
+@pytest.fixture(scope="module")
+def banking_subset():
+    from pipeline.data_io import read_labelled_csv
+
+    texts, labels = read_labelled_csv(BANKING77 / "train.csv", "text", "category")
+    classes = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "pin_blocked", "top_up_limits",
+               "terminate_account", "change_pin", "country_support"]
+    return classes, sample(texts, labels, classes, 40)
+
+
+def test_threshold_is_tuned_for_oos_when_the_data_has_it():
+    classes = ["a", "b", "oos"]
+    # in-scope rows are confident, oos rows are not
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.85, 0.05], [0.5, 0.3, 0.2], [0.45, 0.4, 0.15]])
+    y = np.array([0, 1, 2, 2])
+    threshold = _tune_threshold(probs, y, classes, TrainConfig())
+    assert 0.5 < threshold <= 0.85
+
+
+def test_threshold_without_oos_rejects_the_configured_share():
+    probs = np.tile(np.linspace(0.3, 1.0, 200)[:, None], (1, 2))
+    threshold = _tune_threshold(probs, np.zeros(200, int), ["a", "b"], TrainConfig(oos_reject_rate=0.05))
+    assert np.mean(probs[:, 0] < threshold) == pytest.approx(0.05, abs=0.01)
+
+
+def test_temperature_softens_overconfident_logits():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)
+    logits = rng.normal(size=(500, 3)) * 0.1
+    logits[np.arange(500), y] += 5.0
+    noisy = rng.random(500) < 0.3  # 30% of confident predictions are wrong
+    logits[noisy] = np.roll(logits[noisy], 1, axis=1)
+    assert _fit_temperature(logits, y) > 1.5
+
+
+def test_one_class_and_mismatched_input_are_rejected(encoder):
+    with pytest.raises(InputError, match="only one class"):
+        IntentClassifier.train(encoder, ["a", "b"], ["x", "x"], TrainConfig())
+    with pytest.raises(InputError, match="differ in length"):
+        IntentClassifier.train(encoder, ["a", "b"], ["x"], TrainConfig())
+
+
+def test_head_training_on_banking77_subset_round_trips(encoder, banking_subset, tmp_path, banking77_test):
+    classes, (texts, labels) = banking_subset
+    model = IntentClassifier.train(encoder, texts, labels, TrainConfig(), out=tmp_path / "m")
+    assert sorted(model.labels) == sorted(classes)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["val_accuracy"] >= 0.8
+    loaded = IntentClassifier.load(tmp_path / "m")
+    test_texts, test_labels = sample(*banking77_test, classes, 20)
+    report, predicted = evaluate(loaded, encoder, test_texts, test_labels)
+    assert report["accuracy"] >= 0.85 and report["n"] == len(test_texts)
+    assert report["oos_recall"] is None and report["in_scope_accuracy"] is None
+    vectors = encoder.encode(test_texts[:5])
+    assert [p.to_dict() for p in model.predict(vectors, test_texts[:5])] == \
+        [p.to_dict() for p in loaded.predict(vectors, test_texts[:5])]
+
+
+def test_oos_class_in_training_data_is_learned_and_reported(encoder, banking_subset):
+    classes, (texts, labels) = banking_subset
+    oos = ["what's the weather tomorrow", "tell me a joke", "who won the football", "recipe for pancakes",
+           "how tall is mount everest", "play some jazz music", "what time is it in tokyo", "book a table for two",
+           "translate hello into french", "how do I fix a flat bike tyre", "what's the capital of peru",
+           "recommend a good film", "set an alarm for 7am", "is it going to snow", "how many calories in an apple",
+           "who wrote hamlet", "best way to learn guitar", "how far is the moon", "turn on the lights",
+           "what is the meaning of life"]
+    model = IntentClassifier.train(encoder, texts + oos * 2, labels + ["oos"] * 40, TrainConfig(val_split=0.2))
+    held_out = ["what's a good pizza topping", "how do volcanoes form", "sing me a song", "what's the score in the cricket"]
+    report, predicted = evaluate(model, encoder, held_out + ["My card still hasn't arrived"],
+                                 ["oos"] * 4 + ["card_arrival"])
+    assert report["oos_recall"] >= 0.75
+    assert report["in_scope_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora"])
+def test_encoder_training_methods_produce_loadable_artifacts(settings, banking_subset, tmp_path, method):
+    from pipeline.encoder import SentenceEncoder
+
+    classes, (texts, labels) = banking_subset
+    trainer = SentenceEncoder(settings.encoder)
+    config = TrainConfig(method=method, epochs=1, max_train=96, batch_size=16, lexical=False)
+    model = IntentClassifier.train(trainer, texts, labels, config, out=tmp_path / method)
+    assert model.metrics["method"] == method
+
+    serving = SentenceEncoder(settings.encoder)
+    base_identity = serving.identity
+    loaded = IntentClassifier.load(tmp_path / method)
+    loaded.attach_encoder(serving)
+    assert serving.identity != base_identity, "a tuned encoder must not search an index built by the base one"
+    probe = ["I still haven't got my new card"]
+    np.testing.assert_allclose(serving.encode(probe), trainer.encode(probe), atol=1e-4)
+
+
+def test_missing_and_corrupt_artifacts(tmp_path, settings):
+    with pytest.raises(ModelLoadError, match="no intent model"):
+        IntentClassifier.load(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        IntentClassifier.load(tmp_path)
+
+
+def test_shipped_model_is_the_banking77_default():
+    model = IntentClassifier.load(Settings().resolved_intent_model)
+    assert len(model.labels) == 77
+    assert model.metrics["method"] == "head" and model.lexical is not None

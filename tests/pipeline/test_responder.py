@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from pipeline.errors import ModelLoadError, ResponderError
+from pipeline.knowledge import Passage
+from pipeline.responder import (
+    GenerationLimits,
+    LlamaCppBackend,
+    OpenAICompatibleBackend,
+    Responder,
+    TransformersBackend,
+    _stop_position,
+    build_messages,
+)
+
+from ..helpers import free_port, wait_until
+
+PASSAGE = Passage(article_id="card-delivery-estimate", title="How long card delivery takes", url="",
+                  text="## Delivery\nStandard delivery takes 3–5 working days in the UK. Express delivery costs £5.",
+                  score=1.0)
+MESSAGES = build_messages("How long will my card take to arrive?", "card_delivery_estimate", [PASSAGE])
+LIMITS = GenerationLimits(max_tokens=24, temperature=0.0, stop=["\nCustomer:"], timeout_s=60)
+
+
+def test_prompt_puts_the_article_in_the_user_message_without_markdown():
+    system, user = MESSAGES
+    assert system["role"] == "system" and "3–5 working days" not in system["content"]
+    assert user["role"] == "user" and "3–5 working days" in user["content"]
+    assert "Delivery:" in user["content"] and "##" not in user["content"]
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert build_messages("q", "i", [PASSAGE], history)[1:3] == history
+    two = build_messages("q", "i", [PASSAGE, PASSAGE], max_passages=2)[-1]["content"]
+    assert two.count("How long card delivery takes") == 2
+
+
+def test_stop_position():
+    assert _stop_position("abc\nCustomer: x", ["\nCustomer:"]) == 3
+    assert _stop_position("abc", ["zz", ""]) is None
+
+
+@pytest.fixture(scope="module")
+def llama(settings):
+    backend = LlamaCppBackend(settings.responder_model, threads=2)
+    backend.warm_up()
+    return backend
+
+
+def test_llama_cpp_streams_pieces(llama):
+    pieces = list(llama.stream(MESSAGES, LIMITS))
+    assert len(pieces) > 3, "tokens arrive one by one"
+    assert "".join(pieces).strip()
+
+
+def test_llama_cpp_enforces_the_timeout(llama):
+    with pytest.raises(ResponderError, match="timed out"):
+        list(llama.stream(MESSAGES, GenerationLimits(max_tokens=200, timeout_s=0.0)))
+
+
+def test_missing_gguf_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        LlamaCppBackend(str(tmp_path / "nope.gguf")).warm_up()
+
+
+@pytest.fixture(scope="module")
+def openai_server(settings):
+    """llama.cpp's own OpenAI-compatible server on the bundled model: a real server, a private port."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", settings.responder_model,
+                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until(lambda: httpx.get(f"{base}/models", timeout=1).status_code == 200, 60, "llama.cpp server")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_openai_compatible_server_streams(openai_server):
+    backend = OpenAICompatibleBackend(openai_server, model="smollm2")
+    pieces = list(backend.stream(MESSAGES, LIMITS))
+    assert len(pieces) > 3 and "".join(pieces).strip()
+
+
+def test_openai_backend_reports_http_errors(openai_server):
+    backend = OpenAICompatibleBackend(openai_server + "/does-not-exist", model="x")
+    with pytest.raises(ResponderError, match="answered 404"):
+        list(backend.stream(MESSAGES, LIMITS))
+
+
+def test_openai_backend_unreachable_server():
+    backend = OpenAICompatibleBackend(f"http://127.0.0.1:{free_port()}/v1", model="x")
+    with pytest.raises(ResponderError, match="cannot reach"):
+        list(backend.stream(MESSAGES, LIMITS))
+
+
+@pytest.mark.slow
+def test_transformers_backend_on_the_bundled_gguf(settings):
+    """Loads SmolLM2 through transformers (dequantised from the GGUF) and streams with a stop string."""
+    backend = TransformersBackend(settings.responder_model)
+    responder = Responder(backend, GenerationLimits(max_tokens=16, stop=["."], timeout_s=120))
+    pieces = list(responder.stream("How long will my card take?", "card_delivery_estimate", [PASSAGE]))
+    text = "".join(pieces)
+    assert pieces and text.strip()
+    assert "." not in text, "the stop string ends the reply and is not emitted"

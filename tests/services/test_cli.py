@@ -1,0 +1,122 @@
+"""The CLI end to end, in a subprocess where it matters (exit codes, no tracebacks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import BANKING77
+
+TANDEM = [sys.executable, "-m", "services.cli"]
+
+
+def run(args: list[str], tmp_path: Path, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TANDEM_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([*TANDEM, *args], capture_output=True, env=env, input=stdin, timeout=timeout,
+                          cwd=Path(__file__).parents[2])
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, message: str) -> None:
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def cli_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+def test_ask_json_has_every_field(cli_dir):
+    result = run(["ask", "I lost my card", "--json"], cli_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    payload = json.loads(result.stdout)
+    assert payload["intent"] == "lost_or_stolen_card"
+    assert {"intent", "confidence", "top_intents", "passages", "reply", "grounded", "escalate",
+            "timings_ms"} <= set(payload)
+
+
+def test_ask_streams_to_the_terminal(cli_dir):
+    result = run(["ask", "How long does card delivery take?"], cli_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "intent card_delivery_estimate" in result.stderr.decode()
+    assert result.stdout.decode().strip()
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["ask", ""], None, "message is empty"),
+    (["ask", "-"], b"x" * 100_000, "the limit is 4000"),
+    (["ask", "-"], b"caf\xe9 card", "not valid UTF-8"),
+])
+def test_ask_rejects_bad_messages(cli_dir, args, stdin, message):
+    assert_clean_error(run(args, cli_dir, stdin), message)
+
+
+def test_train_and_eval_on_a_small_csv(tmp_path):
+    rows = ["text,label"] + [f"where is my card number {i},card_arrival" for i in range(12)] + \
+           [f"what exchange rate do you use {i},exchange_rate" for i in range(12)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    trained = run(["train-intents", str(tmp_path / "train.csv"), "--out", str(tmp_path / "model")], tmp_path)
+    assert trained.returncode == 0, trained.stderr.decode()
+    assert (tmp_path / "model" / "config.json").is_file()
+    (tmp_path / "test.csv").write_text("utterance,intent\nmy card has not come,card_arrival\n"
+                                       "what rate for euros,exchange_rate\n")
+    evaluated = run(["eval-intents", str(tmp_path / "test.csv"), "--model", str(tmp_path / "model"),
+                     "--text-col", "utterance", "--label-col", "intent", "--json", str(tmp_path / "r.json"),
+                     "--plot", str(tmp_path / "cm.png")], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr.decode()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) >= {"accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "n"}
+    assert report["n"] == 2 and report["oos_recall"] is None
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_of_the_shipped_model_on_a_banking77_slice(tmp_path):
+    lines = (BANKING77 / "test.csv").read_text().splitlines()
+    (tmp_path / "slice.csv").write_text("\n".join([lines[0], *lines[1::20]]) + "\n")
+    result = run(["eval-intents", str(tmp_path / "slice.csv"), "--label-col", "category"], tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert report["n"] == 154 and report["accuracy"] >= 0.88
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"text,category\nhi,a\nho,b\n", "missing column(s) label"),
+    (b"text,label\nhi,a\nho,a\n", "only one class"),
+    (b"text,label\nh\xe9,a\n", "not valid UTF-8"),
+])
+def test_train_rejects_bad_csv(tmp_path, content, message):
+    (tmp_path / "bad.csv").write_bytes(content)
+    assert_clean_error(run(["train-intents", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "m")], tmp_path),
+                       message)
+
+
+def test_index_builds_updates_and_rejects_duplicates(tmp_path):
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    article = "---\nid: {id}\ntitle: T {id}\nintents: [x]\n---\nFee is £{id}.\n"
+    for i in range(3):
+        (kb / f"{i}.md").write_text(article.format(id=i))
+    built = run(["index", str(kb), "--out", str(tmp_path / "ix")], tmp_path)
+    assert built.returncode == 0, built.stderr.decode()
+    assert "3 added" in built.stdout.decode()
+    (kb / "1.md").write_text(article.format(id=1).replace("Fee", "The fee"))
+    updated = run(["index", str(kb), "--out", str(tmp_path / "ix")], tmp_path)
+    assert "1 updated" in updated.stdout.decode() and "2 unchanged" in updated.stdout.decode()
+    (kb / "dup.md").write_text(article.format(id=0))
+    assert_clean_error(run(["index", str(kb), "--out", str(tmp_path / "ix")], tmp_path), "duplicate article id")
+
+
+def test_ask_with_a_corrupt_index_is_a_clear_error(tmp_path):
+    (tmp_path / "ix").mkdir()
+    (tmp_path / "ix" / "meta.json").write_text("{}")
+    (tmp_path / "ix" / "index.faiss").write_bytes(b"junk")
+    env_run = subprocess.run([*TANDEM, "ask", "hello"], capture_output=True, timeout=300,
+                             env={**os.environ, "TANDEM_INDEX_DIR": str(tmp_path / "ix"), "HF_HUB_OFFLINE": "1"})
+    assert_clean_error(env_run, "corrupt")
