@@ -123,6 +123,7 @@ class HybridPipeline:
         index = load_or_build_index(settings, encoder, progress)
         limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s)
         responder = Responder(make_backend(settings), limits, settings.max_passages_in_prompt)
+        encoder.encode(["warm up"])  # the first forward pass pays one-off setup; keep it off the first request
         if load_responder:
             responder.warm_up()
         return cls(encoder, classifier, index, responder, GroundingGuard(encoder.embed, settings.guard_similarity),

@@ -383,13 +383,24 @@ def _train_encoder(encoder: SentenceEncoder, texts: list[str], y: np.ndarray, n_
             scale * head.bias.detach().cpu().numpy().astype(np.float32), peft_model)
 
 
+def _expected_calibration_error(top: list[dict], labels: list[str], bins: int = 10) -> float:
+    """Mean gap between confidence and accuracy over equal-width confidence bins."""
+    confidence = np.array([t["confidence"] for t in top])
+    correct = np.array([t["intent"] == y for t, y in zip(top, labels)], dtype=float)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    gaps = [abs(confidence[which == b].mean() - correct[which == b].mean()) * np.mean(which == b)
+            for b in range(bins) if np.any(which == b)]
+    return round(float(sum(gaps)), 4)
+
+
 def evaluate(classifier: IntentClassifier, encoder: SentenceEncoder, texts: list[str], labels: list[str],
              progress=None) -> tuple[dict, list[str]]:
     """Accuracy figures on labelled data, and the predicted labels."""
     from sklearn.metrics import f1_score
 
     vectors = encoder.encode(texts, progress=progress)
-    predicted = [p.intent for p in classifier.predict(vectors, texts)]
+    predictions = classifier.predict(vectors, texts)
+    predicted = [p.intent for p in predictions]
     gold = np.array(labels)
     pred = np.array(predicted)
     oos = classifier.oos_label
@@ -401,6 +412,7 @@ def evaluate(classifier: IntentClassifier, encoder: SentenceEncoder, texts: list
         "in_scope_accuracy": round(float(np.mean(pred[~is_oos] == gold[~is_oos])), 4) if is_oos.any() else None,
         "oos_recall": round(float(np.mean(pred[is_oos] == oos)), 4) if is_oos.any() else None,
         "n": len(texts),
+        "ece": _expected_calibration_error([p.top_intents[0] for p in predictions], labels),
         "unknown_labels": sorted(set(labels) - set(classifier.labels) - {oos}),
     }
     return report, predicted

@@ -83,7 +83,7 @@ def _split_questions(body: str) -> tuple[str, list[str]]:
 def _article_from_fields(fields: dict, body: str, source: str) -> Article:
     if not isinstance(fields, dict):
         raise InputError(f"{source}: front matter must be a mapping with id, title, intents, url")
-    article_id = str(fields.get("id") or "").strip()
+    article_id = "" if fields.get("id") is None else str(fields["id"]).strip()
     if not article_id:
         raise InputError(f"{source}: article has no 'id'")
     intents = fields.get("intents") or []

@@ -82,6 +82,7 @@ class LlamaCppBackend:
                               verbose=False)
         except ValueError as exc:
             raise ModelLoadError(f"cannot load GGUF {self.model_path!r}: {exc}") from None
+        self._llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], max_tokens=1)  # first-call setup
 
     def stream(self, messages: list[dict], limits: GenerationLimits) -> Iterator[str]:
         self.warm_up()

@@ -233,7 +233,8 @@ def ask(
             u = event.understanding
             err.print(f"[dim]intent[/] [bold]{u.intent}[/] [dim]({u.confidence:.2f})"
                       f"{'  escalate' if u.escalate else ''}  sources: "
-                      f"{', '.join(dict.fromkeys(p.article_id for p in u.passages[:2])) or '-'}[/]", highlight=False)
+                      f"{', '.join(dict.fromkeys(p.article_id for p in u.passages[:pipeline.responder.max_passages])) or '-'}[/]",
+                      highlight=False)
         elif isinstance(event, Token) and not as_json:
             console.print(event.text, end="", highlight=False, markup=False, soft_wrap=True)
         elif isinstance(event, Done):

@@ -83,7 +83,10 @@ def test_eval_of_the_shipped_model_on_a_banking77_slice(tmp_path):
     result = run(["eval-intents", str(tmp_path / "slice.csv"), "--label-col", "category"], tmp_path)
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads(result.stdout.decode().strip().splitlines()[-1])
-    assert report["n"] == 154 and report["accuracy"] >= 0.88
+    from pipeline.data_io import read_labelled_csv
+
+    expected_n = len(read_labelled_csv(tmp_path / "slice.csv", "text", "category")[0])
+    assert report["n"] == expected_n > 100 and report["accuracy"] >= 0.88
 
 
 @pytest.mark.parametrize("content, message", [
