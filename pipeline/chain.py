@@ -10,12 +10,13 @@ whose wording is close to the wrong article still finds the article for its inte
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pipeline.classifier import IntentClassifier, IntentPrediction
+from pipeline.classifier import IntentClassifier
 from pipeline.encoder import SentenceEncoder
 from pipeline.errors import InputError, ModelLoadError, TandemError
 from pipeline.guard import GroundingGuard
@@ -38,13 +39,17 @@ class Understanding:
     intent: str
     confidence: float
     top_intents: list[dict]
-    passages: list[Passage]
     escalate: bool
+    out_of_scope: bool
+    passages: list[Passage] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def out_of_scope(self) -> bool:
-        return not self.passages and not self.escalate
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Understanding:
+        return cls(**{**data, "passages": [Passage(**p) for p in data.get("passages", [])]})
 
 
 @dataclass
@@ -108,6 +113,7 @@ class HybridPipeline:
         self.responder = responder
         self.guard = guard
         self.settings = settings
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         if index.encoder != encoder.identity:
             raise ModelLoadError(f"the knowledge index was built with encoder {index.encoder!r} but the pipeline "
                                  f"uses {encoder.identity!r}; rebuild it with `tandem index`")
@@ -130,40 +136,58 @@ class HybridPipeline:
                    settings)
 
     # ------------------------------------------------------------------ BERT side
-    def understand(self, messages: list[str]) -> list[Understanding]:
+    def understand(self, messages: list[str | bytes]) -> list[Understanding]:
         """Classify and retrieve for a batch of messages with one encoder pass each."""
+        return self.add_passages(self.classify(messages))
+
+    def classify(self, messages: list[str | bytes]) -> list[Understanding]:
         messages = [clean_message(m, self.settings.max_message_chars) for m in messages]
         started = time.perf_counter()
-        vectors = self.encoder.encode(messages)
+        vectors = self._encode(messages)
         encoded_at = time.perf_counter()
         predictions = self.classifier.predict(vectors, messages, k=3)
-        classified_at = time.perf_counter()
-        results = []
         per_message = 1000 / max(len(messages), 1)
-        for message, embedding, prediction in zip(messages, vectors, predictions):
-            retrieve_started = time.perf_counter()
-            escalate = prediction.intent in self.settings.handoff_intents
-            out_of_scope = prediction.intent == self.classifier.oos_label
-            passages = [] if out_of_scope else self.retrieve(embedding, prediction)
-            results.append(Understanding(
-                message=message, intent=prediction.intent, confidence=prediction.confidence,
-                top_intents=prediction.top_intents, passages=passages, escalate=escalate,
-                timings_ms={"encode": round((encoded_at - started) * per_message, 2),
-                            "classify": round((classified_at - encoded_at) * per_message, 2),
-                            "retrieve": round((time.perf_counter() - retrieve_started) * 1000, 2)}))
-        return results
+        timings = {"encode": round((encoded_at - started) * per_message, 2),
+                   "classify": round((time.perf_counter() - encoded_at) * per_message, 2)}
+        return [Understanding(message=m, intent=p.intent, confidence=p.confidence, top_intents=p.top_intents,
+                              escalate=p.intent in self.settings.handoff_intents,
+                              out_of_scope=p.intent == self.classifier.oos_label, timings_ms=dict(timings))
+                for m, p in zip(messages, predictions)]
 
-    def retrieve(self, embedding: np.ndarray, prediction: IntentPrediction | None = None) -> list[Passage]:
+    def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
+        vectors = self._encode([u.message for u in understandings])
+        for understanding, vector in zip(understandings, vectors):
+            started = time.perf_counter()
+            if not understanding.out_of_scope:
+                understanding.passages = self.retrieve(vector, understanding.top_intents)
+            understanding.timings_ms["retrieve"] = round((time.perf_counter() - started) * 1000, 2)
+        return understandings
+
+    def _encode(self, messages: list[str]) -> np.ndarray:
+        """Encode, remembering recent vectors: classify and retrieve may run as separate
+        tasks on one worker, and the second must not pay for the encoder again."""
+        missing = list(dict.fromkeys(m for m in messages if m not in self._vectors))
+        if missing:
+            for message, vector in zip(missing, self.encoder.encode(missing)):
+                self._vectors[message] = vector
+            while len(self._vectors) > 4096:
+                self._vectors.popitem(last=False)
+        return np.stack([self._vectors[m] for m in messages]) if messages else np.zeros((0, self.encoder.dim))
+
+    def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None) -> list[Passage]:
         k = self.settings.top_k
         candidates = {(p.article_id, p.text): p for p in self.index.search(embedding, 4 * k)}
-        if prediction is None or not self.settings.route_by_intent:
+        if not top_intents or not self.settings.route_by_intent:
             return list(candidates.values())[:k]
-        probability = {t["intent"]: t["confidence"] for t in prediction.top_intents}
+        probability = {t["intent"]: t["confidence"] for t in top_intents}
         routed = self.index.search(embedding, k, intents=list(probability))
         candidates.update({(p.article_id, p.text): p for p in routed})
+        best: dict[str, Passage] = {}  # one passage per article: k results are k different articles
         for passage in candidates.values():
             passage.score = round(passage.score + max((probability.get(i, 0.0) for i in passage.intents), default=0.0), 4)
-        return sorted(candidates.values(), key=lambda p: -p.score)[:k]
+            if passage.article_id not in best or passage.score > best[passage.article_id].score:
+                best[passage.article_id] = passage
+        return sorted(best.values(), key=lambda p: -p.score)[:k]
 
     # ------------------------------------------------------------------ GPT side
     def respond(self, understanding: Understanding, history: list[dict] | None = None,
@@ -209,7 +233,10 @@ class HybridPipeline:
         yield from self.respond(self.understand([message])[0], history)
 
     def run(self, message: str | bytes, history: list[dict] | None = None) -> PipelineResult:
-        for event in self.stream(message, history):
+        return self.run_understood(self.understand([message])[0], history)
+
+    def run_understood(self, understanding: Understanding, history: list[dict] | None = None) -> PipelineResult:
+        for event in self.respond(understanding, history):
             if isinstance(event, Done):
                 return event.result
         raise TandemError("the pipeline ended without a result")  # pragma: no cover

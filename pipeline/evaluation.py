@@ -40,7 +40,7 @@ def retrieval_recall(pipeline: HybridPipeline, texts: list[str], labels: list[st
         vectors = pipeline.encoder.encode(chunk)
         predictions = pipeline.classifier.predict(vectors, chunk, k=3)
         for vector, prediction, label in zip(vectors, predictions, gold):
-            routed += any(label in p.intents for p in pipeline.retrieve(vector, prediction)[:k])
+            routed += any(label in p.intents for p in pipeline.retrieve(vector, prediction.top_intents)[:k])
             plain += any(label in p.intents for p in pipeline.index.search(vector, k))
         if progress:
             progress(min(start + batch, len(texts)))

@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     guard_similarity: float = 0.45
     max_message_chars: int = 4000
 
+    # Redis and workers (workers/): unset redis_url means the embedded redis-server that `tandem up` starts.
+    redis_url: str | None = None
+    embedded_redis_port: int = 6390
+    reply_stream_maxlen: int = 2000  # events kept per reply stream
+    reply_stream_ttl_s: int = 3600
+    cache_ttl_s: int = 86400
+    memory_turns: int = 6  # conversation turns (user + assistant pairs) the responder sees
+    memory_ttl_s: int = 86400
+    result_ttl_s: int = 86400
+    batch_chunk_size: int = 32
+    # A task a dead worker had taken is handed to another after this long (acks_late).
+    visibility_timeout_s: int = 300
+
+    @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
     @property
     def resolved_index_dir(self) -> Path:
         return self.index_dir or self.data_dir / "index"

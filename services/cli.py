@@ -252,6 +252,98 @@ def ask(
         err.print(f"[dim]source: {passage['title']} {passage['url']}[/]", highlight=False)
 
 
+@app.command("worker")
+@friendly
+def worker(
+    queues: Annotated[str, typer.Option("--queues", help="comma-separated: nlu, gen")] = "nlu,gen",
+    name: Annotated[str | None, typer.Option("--name", help="worker node name")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+) -> None:
+    """Run a Celery worker that loads its models once and serves the given queues."""
+    from workers.app import QUEUES, configure
+
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = set(chosen) - set(QUEUES)
+    if not chosen or unknown:
+        raise typer.BadParameter(f"queues must be among {', '.join(QUEUES)}", param_hint="--queues")
+    _quiet_libraries()
+    os.environ["TANDEM_WORKER_QUEUES"] = ",".join(chosen)
+    celery = configure()
+    import workers.tasks  # noqa: F401  (registers the tasks and the model-loading signal)
+
+    # solo pool: one process holds the models; torch and llama.cpp use the cores themselves.
+    celery.worker_main(["worker", "-Q", ",".join(chosen), "--pool", "solo", "--loglevel", loglevel,
+                        "-n", f"{name or '-'.join(chosen)}@%h", "--without-gossip", "--without-mingle"])
+
+
+@app.command("batch")
+@friendly
+def batch(
+    tickets: Annotated[Path, typer.Argument(help="tickets as .csv (id,text) or .jsonl ({id, text})")],
+    out: Annotated[Path, typer.Option("--out", help="results JSONL, in input order")],
+    drafts: Annotated[bool, typer.Option("--drafts/--no-drafts", help="also draft a reply for each ticket")] = True,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", min=1)] = None,
+) -> None:
+    """Classify, route and (optionally) draft replies for a file of tickets through the workers."""
+    from workers.batch import run_batch
+
+    with progress_bars() as progress:
+        summary = run_batch(tickets, out, drafts=drafts, settings=_settings(), chunk_size=chunk_size,
+                            progress=lambda done, total: progress("tickets" if not drafts else "steps", done, total))
+    console.print(f"{summary['tickets']} tickets: {summary['processed']} processed, {summary['skipped']} already done, "
+                  f"{summary['errors']} with errors; results in {out}")
+
+
+@app.command("up")
+@friendly
+def up() -> None:
+    """Start everything on this machine: an embedded Redis (unless TANDEM_REDIS_URL is set) and a
+    worker per queue. Ctrl-C stops them all."""
+    import signal
+    import subprocess
+    import time
+
+    from workers.redis_server import EmbeddedRedis
+
+    settings = _settings()
+    server = None
+    env = dict(os.environ)
+    if settings.redis_url is None:
+        server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
+        env["TANDEM_REDIS_URL"] = server.start()
+        err.print(f"embedded Redis on {server.url} (data in {server.directory})")
+    children = [subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", queue], env=env)
+                for queue in ("nlu", "gen")]
+    err.print(f"workers started (pids {', '.join(str(c.pid) for c in children)}); Ctrl-C to stop")
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # Celery's warm shutdown: finish the current task
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if server:
+            server.stop()
+        err.print("stopped")
+    failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
+    if failed and not stopping:
+        raise TandemError(f"a worker exited with status {failed[0].returncode}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,174 @@
+"""Batch tickets through the workers: read, fan out in chunks, collect, write in input order.
+
+Resumable and idempotent by ticket id: results land in ``<out>.partial`` as each chunk
+finishes, a rerun skips every id already answered without error, and the final file
+is written once, in input order, with each ticket exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from celery import chain
+from kombu.exceptions import OperationalError
+
+from pipeline.errors import InputError, TandemError
+from pipeline.settings import Settings
+
+Progress = Callable[[int, int], None]
+
+
+def read_tickets(path: Path) -> list[dict]:
+    """Tickets as ``{"id", "text"}``; a malformed line becomes a ticket with an ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}: not valid UTF-8 (line {line})") from None
+    tickets: list[dict] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                tickets.append({"id": f"line-{n}", "text": line[:200], "error": f"line {n} is not a JSON object ({exc})"})
+                continue
+            tickets.append({"id": str(row.get("id") if row.get("id") is not None else f"line-{n}"),
+                            "text": row.get("text") if isinstance(row.get("text"), str) else ""})
+    elif path.suffix == ".csv":
+        try:
+            reader = csv.DictReader(io.StringIO(content, newline=""))
+            if "text" not in (reader.fieldnames or []):
+                raise InputError(f"{path}: no 'text' column (found {', '.join(reader.fieldnames or []) or 'no header'})")
+            for n, row in enumerate(reader, 2):
+                tickets.append({"id": row.get("id") or f"row-{n}", "text": row.get("text") or ""})
+        except csv.Error as exc:
+            raise InputError(f"{path}: malformed CSV ({exc})") from None
+    else:
+        raise InputError(f"{path}: tickets must be .csv (id,text) or .jsonl")
+    seen: dict[str, int] = {}
+    for n, ticket in enumerate(tickets):
+        if ticket["id"] in seen:
+            raise InputError(f"{path}: ticket id {ticket['id']!r} appears twice (tickets {seen[ticket['id']] + 1} and {n + 1})")
+        seen[ticket["id"]] = n
+    if not tickets:
+        raise InputError(f"{path}: no tickets")
+    return tickets
+
+
+def _read_results(path: Path) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: its ticket is simply done again
+            if isinstance(row, dict) and "id" in row:
+                results[str(row["id"])] = row
+    return results
+
+
+def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Settings | None = None,
+              progress: Progress | None = None, chunk_size: int | None = None, outage_s: float = 60.0) -> dict:
+    """Process every ticket not yet answered; returns counts. Raises TandemError if Redis
+    stays away for ``outage_s`` (what finished is kept; a rerun resumes)."""
+    from workers.app import configure
+    from workers.tasks import draft_batch, understand_batch
+
+    settings = settings or Settings()
+    configure(settings)
+    tickets = read_tickets(tickets_path)
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    done = {i: r for i, r in {**_read_results(out), **_read_results(partial)}.items() if "error" not in r}
+    results: dict[str, dict] = dict(done)
+    todo = [t for t in tickets if t["id"] not in done]
+    for ticket in todo:
+        if "error" in ticket:  # unreadable lines are answered at once, never dropped
+            results[ticket["id"]] = ticket
+    todo = [t for t in todo if "error" not in t]
+    size = chunk_size or settings.batch_chunk_size
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    batch_id = uuid.uuid4().hex
+    progress_key = f"tandem:batch:{batch_id}:progress"
+    steps = len(todo) * (2 if drafts else 1)
+    client = redis.Redis.from_url(settings.resolved_redis_url)
+
+    pending = {}
+    with partial.open("a", encoding="utf-8") as sink:
+        for chunk in chunks:
+            signature = understand_batch.s(chunk, progress_key)
+            if drafts:
+                signature = chain(signature, draft_batch.s(progress_key))
+            submitted = _retry(lambda s=signature: s.apply_async(), outage_s)
+            pending[submitted.id] = (submitted, chunk)
+        while pending:
+            for task_id, (submitted, chunk) in list(pending.items()):
+                result = _retry(lambda r=submitted: _poll(r), outage_s)
+                if result is None:
+                    continue
+                rows = result if isinstance(result, list) else \
+                    [{**t, "error": f"worker failed: {result}"} for t in chunk]
+                for row in rows:
+                    row.pop("understanding", None)
+                    results[row["id"]] = row
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                del pending[task_id]
+            if progress:
+                count = _retry(lambda: client.get(progress_key), outage_s)
+                progress(min(int(count or 0), steps), steps)
+            if pending:
+                time.sleep(0.2)
+
+    ordered = [results[t["id"]] for t in tickets]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+    os.replace(tmp, out)
+    partial.unlink(missing_ok=True)
+    return {"tickets": len(tickets), "skipped": len(done), "processed": len(todo),
+            "errors": sum("error" in r for r in ordered)}
+
+
+def _poll(result):
+    """The chunk's rows when finished, the error text when it (or the chain step before it)
+    failed, None while running."""
+    step = result
+    while step is not None:
+        if step.failed():
+            return repr(step.result)
+        step = step.parent
+    if not result.ready():
+        return None
+    return result.get(disable_sync_subtasks=False)
+
+
+def _retry(call: Callable, outage_s: float):
+    """Run ``call``, riding out a Redis outage of up to ``outage_s`` seconds."""
+    started = time.monotonic()
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError) as exc:
+            if time.monotonic() - started > outage_s:
+                raise TandemError(f"Redis unreachable for {outage_s:.0f} s ({exc}); finished tickets are saved, "
+                                  "run the same command again to resume") from None
+            time.sleep(0.5)

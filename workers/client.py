@@ -1,0 +1,25 @@
+"""What a chat backend calls: queue one message through the chain, then read its stream."""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import chain
+
+from pipeline.chain import clean_message
+from pipeline.settings import Settings
+from workers.tasks import classify, report_failure, respond, retrieve
+
+
+def submit_message(message: str | bytes, session_id: str | None = None, use_cache: bool = True,
+                   reply_id: str | None = None, settings: Settings | None = None) -> str:
+    """Queue classify -> retrieve -> respond; returns the reply id whose stream carries the events.
+
+    The message is checked here first, so a bad one fails at once with InputError
+    instead of as an event."""
+    settings = settings or Settings()
+    message = clean_message(message, settings.max_message_chars)
+    reply_id = reply_id or uuid.uuid4().hex
+    workflow = chain(classify.s(message), retrieve.s(), respond.s(reply_id, session_id, use_cache))
+    workflow.apply_async(link_error=report_failure.si(reply_id))
+    return reply_id

@@ -1,0 +1,116 @@
+"""Redis structures the workers share with clients: reply streams, the reply cache and
+conversation memory.
+
+A reply streams through ``tandem:reply:{reply_id}`` as events ``meta``, ``token``...,
+then ``done`` or ``error``; each entry holds ``event`` and a JSON ``data`` field. A
+consumer resumes after the last id it saw, so a reconnect loses nothing and repeats
+nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+
+import redis
+
+STREAM_KEY = "tandem:reply:{}"
+TERMINAL = {"done", "error"}
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+
+
+class ReplyStream:
+    """The writing end of one reply's stream."""
+
+    def __init__(self, client: redis.Redis, reply_id: str, maxlen: int = 2000, ttl_s: int = 3600):
+        self.client = client
+        self.key = STREAM_KEY.format(reply_id)
+        self.maxlen = maxlen
+        self.ttl_s = ttl_s
+
+    def publish(self, event: str, data: dict | str) -> str:
+        pipe = self.client.pipeline()
+        pipe.xadd(self.key, {"event": event, "data": json.dumps(data, ensure_ascii=False)}, maxlen=self.maxlen,
+                  approximate=True)
+        pipe.expire(self.key, self.ttl_s)
+        return pipe.execute()[0]
+
+    def finished(self) -> bool:
+        """True when the stream already ends in done or error (a redelivered task must not write twice)."""
+        last = self.client.xrevrange(self.key, count=1)
+        return bool(last) and last[0][1].get("event") in TERMINAL
+
+
+def stream_reply(client: redis.Redis, reply_id: str, last_id: str | None = None, block_ms: int = 5000,
+                 timeout_s: float = 120.0) -> Iterator[tuple[str, str, dict | str]]:
+    """Yield ``(event_id, event, data)`` after ``last_id`` until ``done`` or ``error``.
+
+    Raises TimeoutError when nothing arrives for ``timeout_s`` (a worker that died
+    before writing its first event)."""
+    key = STREAM_KEY.format(reply_id)
+    cursor = last_id or "0-0"
+    quiet_since = time.monotonic()
+    while True:
+        response = client.xread({key: cursor}, block=block_ms, count=100)
+        if not response:
+            if time.monotonic() - quiet_since > timeout_s:
+                raise TimeoutError(f"no event on reply {reply_id} for {timeout_s:.0f} s")
+            continue
+        quiet_since = time.monotonic()
+        for event_id, fields in response[0][1]:
+            cursor = event_id
+            event = fields.get("event", "")
+            yield event_id, event, json.loads(fields.get("data", "null"))
+            if event in TERMINAL:
+                return
+
+
+def normalise_message(message: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s£$€%.]", " ", message.lower())).strip(" .")
+
+
+class ReplyCache:
+    """Final replies keyed by what produced them; a new index version makes old entries unreachable."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int):
+        self.client = client
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def key(message: str, intent: str, index_version: str, responder: str) -> str:
+        digest = hashlib.sha256(json.dumps([normalise_message(message), intent, index_version, responder]).encode())
+        return f"tandem:cache:{digest.hexdigest()}"
+
+    def get(self, key: str) -> dict | None:
+        value = self.client.get(key)
+        return json.loads(value) if value else None
+
+    def put(self, key: str, value: dict) -> None:
+        self.client.set(key, json.dumps(value, ensure_ascii=False), ex=self.ttl_s)
+
+
+class ConversationMemory:
+    """The last N turns of a session, oldest first, as chat messages."""
+
+    def __init__(self, client: redis.Redis, turns: int, ttl_s: int):
+        self.client = client
+        self.turns = turns
+        self.ttl_s = ttl_s
+
+    def history(self, session_id: str) -> list[dict]:
+        return [json.loads(item) for item in self.client.lrange(f"tandem:session:{session_id}", 0, -1)]
+
+    def append(self, session_id: str, user: str, assistant: str) -> None:
+        key = f"tandem:session:{session_id}"
+        pipe = self.client.pipeline()
+        pipe.rpush(key, json.dumps({"role": "user", "content": user}),
+                   json.dumps({"role": "assistant", "content": assistant}))
+        pipe.ltrim(key, -2 * self.turns, -1)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()

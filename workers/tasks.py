@@ -1,0 +1,170 @@
+"""Celery tasks: the pipeline's stages, for one message (a chain) or a chunk of tickets.
+
+A worker loads its models once, when it starts (``worker_init``), never per task.
+Tasks take and return small JSON: texts, ids, intents, passages; never tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery.signals import worker_init
+
+from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding
+from pipeline.errors import TandemError
+from pipeline.settings import Settings
+from workers.app import app
+from workers.streams import ConversationMemory, ReplyCache, ReplyStream, connect
+
+log = logging.getLogger(__name__)
+_pipeline: HybridPipeline | None = None
+_lock = threading.Lock()
+
+
+def get_pipeline(with_responder: bool = True) -> HybridPipeline:
+    global _pipeline
+    with _lock:
+        if _pipeline is None:
+            _pipeline = HybridPipeline.from_settings(Settings(), load_responder=with_responder)
+        elif with_responder:
+            _pipeline.responder.warm_up()
+    return _pipeline
+
+
+@worker_init.connect
+def load_models(**_) -> None:
+    queues = os.environ.get("TANDEM_WORKER_QUEUES", "nlu,gen").split(",")
+    log.info("loading models for queues %s", queues)
+    get_pipeline(with_responder="gen" in queues)
+
+
+def _redis():
+    return connect(Settings().resolved_redis_url)
+
+
+def _progress(key: str | None, n: int) -> None:
+    if key:
+        client = _redis()
+        client.incrby(key, n)
+        client.expire(key, Settings().result_ttl_s)
+
+
+# ------------------------------------------------------------------ one message
+
+@app.task(name="tandem.classify")
+def classify(message: str) -> dict:
+    return get_pipeline(False).classify([message])[0].to_dict()
+
+
+@app.task(name="tandem.retrieve")
+def retrieve(understanding: dict) -> dict:
+    return get_pipeline(False).add_passages([Understanding.from_dict(understanding)])[0].to_dict()
+
+
+@app.task(name="tandem.respond")
+def respond(understanding: dict, reply_id: str, session_id: str | None = None, use_cache: bool = True) -> dict:
+    """Write the reply's events to its Redis stream; return the final result."""
+    settings = Settings()
+    client = _redis()
+    stream = ReplyStream(client, reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
+    if stream.finished():  # redelivered after a worker died past the end: the client already has it
+        return {"reply_id": reply_id, "redelivered": True}
+    pipeline = get_pipeline()
+    u = Understanding.from_dict(understanding)
+    memory = ConversationMemory(client, settings.memory_turns, settings.memory_ttl_s)
+    history = memory.history(session_id) if session_id else []
+    cache = ReplyCache(client, settings.cache_ttl_s)
+    key = ReplyCache.key(u.message, u.intent, pipeline.index.version, pipeline.responder.identity)
+    # A reply that depends on earlier turns is not reusable for the same message elsewhere.
+    cached = cache.get(key) if use_cache and not history else None
+    try:
+        if cached:
+            stream.publish("meta", _meta(u, cached=True))
+            for piece in cached["tokens"]:
+                stream.publish("token", {"text": piece})
+            result = {**cached["result"], "cached": True}
+        else:
+            tokens: list[str] = []
+            result = {}
+            for event in pipeline.respond(u, history):
+                if isinstance(event, Meta):
+                    stream.publish("meta", _meta(u, cached=False))
+                elif isinstance(event, Token):
+                    tokens.append(event.text)
+                    stream.publish("token", {"text": event.text})
+                elif isinstance(event, Done):
+                    result = {**event.result.to_dict(), "cached": False}
+            if use_cache and not history:
+                cache.put(key, {"tokens": tokens, "result": result})
+        result["reply_id"] = reply_id
+        if session_id:  # before "done": a client's next message must see this turn
+            memory.append(session_id, u.message, result["reply"])
+        stream.publish("done", result)
+    except TandemError as exc:
+        stream.publish("error", {"message": str(exc)})
+        return {"reply_id": reply_id, "error": str(exc)}
+    return result
+
+
+def _meta(u: Understanding, cached: bool) -> dict:
+    return {"intent": u.intent, "confidence": u.confidence, "top_intents": u.top_intents, "escalate": u.escalate,
+            "sources": [{"article_id": p.article_id, "title": p.title, "url": p.url, "score": p.score}
+                        for p in u.passages], "cached": cached}
+
+
+# ------------------------------------------------------------------ batches
+
+@app.task(name="tandem.understand_batch")
+def understand_batch(tickets: list[dict], progress_key: str | None = None) -> list[dict]:
+    """Classify and retrieve a chunk of tickets in one batched encoder pass.
+
+    Returns one row per ticket, in order; a bad ticket gets an ``error`` and the rest go on."""
+    pipeline = get_pipeline(False)
+    rows: list[dict] = [{"id": t["id"], "text": t.get("text", "")} for t in tickets]
+    good = []
+    for row in rows:
+        try:
+            row["text"] = _clean(pipeline, row["text"])
+            good.append(row)
+        except TandemError as exc:
+            row["error"] = str(exc)
+    if good:
+        for row, u in zip(good, pipeline.understand([r["text"] for r in good])):
+            row.update(intent=u.intent, confidence=u.confidence, top_intents=u.top_intents, escalate=u.escalate,
+                       article_ids=list(dict.fromkeys(p.article_id for p in u.passages)), understanding=u.to_dict())
+    _progress(progress_key, len(rows))
+    return rows
+
+
+def _clean(pipeline: HybridPipeline, text) -> str:
+    from pipeline.chain import clean_message
+
+    return clean_message(text, pipeline.settings.max_message_chars)
+
+
+@app.task(name="tandem.draft_batch")
+def draft_batch(rows: list[dict], progress_key: str | None = None) -> list[dict]:
+    """Draft a reply for each understood ticket of a chunk."""
+    pipeline = get_pipeline()
+    for row in rows:
+        understanding = row.pop("understanding", None)
+        if understanding is None:
+            continue
+        try:
+            result = pipeline.run_understood(Understanding.from_dict(understanding))
+            row.update(reply=result.reply, grounded=result.grounded)
+        except TandemError as exc:
+            row["error"] = str(exc)
+    _progress(progress_key, len(rows))
+    return rows
+
+
+@app.task(name="tandem.report_failure")
+def report_failure(reply_id: str) -> None:
+    """Errback of a message's chain: a stage failed outside the pipeline's own error handling."""
+    settings = Settings()
+    stream = ReplyStream(_redis(), reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
+    if not stream.finished():
+        stream.publish("error", {"message": "the request failed in a worker; try again"})
