@@ -109,14 +109,21 @@ def bench_grounding(args) -> None:
             started = time.perf_counter()
             report = grounding_eval(pipeline, questions)
             report["seconds"] = round(time.perf_counter() - started, 1)
+            report["measured"] = machine()["date"]
         finally:
             if server:
                 server.terminate()
         results[backend] = report
         print(backend, {k: v for k, v in report.items() if k != "rows"}, flush=True)
-    save("grounding", {"questions": len(questions), "backends": {b: {k: v for k, v in r.items() if k != "rows"}
-                                                                  for b, r in results.items()},
-                       "rows": {b: r["rows"] for b, r in results.items()}})
+    previous = RESULTS / "grounding.json"
+    merged = json.loads(previous.read_text()) if previous.is_file() else {"backends": {}, "rows": {}}
+    if merged.get("questions") != len(questions):  # a different question set: start afresh
+        merged = {"backends": {}, "rows": {}}
+    for backend, report in results.items():
+        merged["backends"][backend] = {k: v for k, v in report.items() if k != "rows"}
+        merged["rows"][backend] = report["rows"]
+    merged.pop("machine", None)
+    save("grounding", {"questions": len(questions), **merged})
 
 
 def _wait_http(url: str, timeout: float = 60) -> None:
@@ -130,6 +137,96 @@ def _wait_http(url: str, timeout: float = 60) -> None:
         except httpx.HTTPError:
             time.sleep(0.3)
     raise TimeoutError(url)
+
+
+def bench_distributed(args) -> None:
+    """Issue 3's figures: NLU tickets/s and time to first token, in-process against through
+    Celery and Redis, on the same machine in the same run."""
+    import socket
+    import tempfile
+
+    from pipeline.chain import Token
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.settings import PACKAGE_DATA, Settings
+    from workers.redis_server import EmbeddedRedis
+
+    texts, _ = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
+    texts = texts[: args.tickets]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    server = EmbeddedRedis(workdir / "redis", port)
+    os.environ.update(TANDEM_REDIS_URL=server.start(), TANDEM_DATA_DIR=str(workdir / "data"))
+    workers = []
+    try:
+        # In-process first, alone on the machine.
+        pipeline = _pipeline(data_dir=workdir / "data")
+        pipeline.understand(texts[:64])
+        started = time.perf_counter()
+        for i in range(0, len(texts), 32):
+            pipeline.understand(texts[i:i + 32])
+        in_process_tps = len(texts) / (time.perf_counter() - started)
+        in_process_ttft = []
+        for text in texts[: args.messages]:
+            t0 = time.perf_counter()
+            for event in pipeline.stream(text + " (in-process)"):
+                if isinstance(event, Token):
+                    in_process_ttft.append((time.perf_counter() - t0) * 1000)
+                    break
+        del pipeline
+
+        from workers.app import app, configure
+        from workers.batch import run_batch
+        from workers.client import submit_message
+        from workers.streams import connect, stream_reply
+
+        configure(Settings())
+        for queue in ("nlu", "gen"):
+            workers.append(subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", queue],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            queues = app.control.inspect(timeout=1).active_queues() or {}
+            if {q["name"] for qs in queues.values() for q in qs} >= {"nlu", "gen"}:
+                break
+        tickets = workdir / "tickets.jsonl"
+        tickets.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+        run_batch(tickets, workdir / "warm.jsonl", drafts=False, chunk_size=32)  # first tasks pay connection setup
+        started = time.perf_counter()
+        run_batch(tickets, workdir / "out.jsonl", drafts=False, chunk_size=32)
+        celery_tps = len(texts) / (time.perf_counter() - started)
+        client = connect(Settings().resolved_redis_url)
+        celery_ttft = []
+        for text in texts[: args.messages]:
+            t0 = time.perf_counter()
+            reply_id = submit_message(text + " (through workers)", use_cache=False)
+            for _, kind, _ in stream_reply(client, reply_id):
+                if kind == "token":
+                    celery_ttft.append((time.perf_counter() - t0) * 1000)
+                    break
+            # drain the rest so the next message does not queue behind it
+            for _ in stream_reply(client, reply_id):
+                pass
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)
+        server.stop()
+
+    def p(values, q):
+        return round(statistics.quantiles(values, n=20)[q], 1) if len(values) > 1 else values[0]
+
+    save("distributed", {
+        "tickets": len(texts), "messages": len(celery_ttft),
+        "nlu_tickets_per_s": {"in_process": round(in_process_tps, 1), "celery": round(celery_tps, 1),
+                              "celery_over_in_process": round(celery_tps / in_process_tps, 3)},
+        "first_token_ms": {"in_process_p50": round(statistics.median(in_process_ttft), 1),
+                           "in_process_p95": p(in_process_ttft, 18),
+                           "celery_p50": round(statistics.median(celery_ttft), 1), "celery_p95": p(celery_ttft, 18),
+                           "added_p50": round(statistics.median(celery_ttft) - statistics.median(in_process_ttft), 1)},
+    })
 
 
 def bench_latency(args) -> None:
@@ -169,13 +266,16 @@ def main() -> None:
     p = sub.add_parser("grounding")
     p.add_argument("--backends", nargs="+", default=["llama_cpp", "transformers", "openai"])
     p.add_argument("--limit", type=int, default=None)
+    p = sub.add_parser("distributed")
+    p.add_argument("--tickets", type=int, default=2000)
+    p.add_argument("--messages", type=int, default=30)
     p = sub.add_parser("latency")
     p.add_argument("-n", type=int, default=30)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet()
     {"intents": bench_intents, "retrieval": bench_retrieval, "grounding": bench_grounding,
-     "latency": bench_latency}[args.name](args)
+     "latency": bench_latency, "distributed": bench_distributed}[args.name](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""`tandem up`: embedded Redis and one worker per queue from nothing, stopped cleanly by Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from ..helpers import free_port, wait_until
+
+
+def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TANDEM_REDIS_URL"}
+    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1")
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_until(lambda: redis.Redis.from_url(url).ping(), 30, "embedded redis")
+        # Talk to it the way a chat backend would, from another process.
+        code = ("import sys; from pipeline.settings import Settings; from workers.app import configure, app;"
+                "configure(Settings());"
+                "from workers.client import submit_message; from workers.streams import connect, stream_reply;"
+                "import time\n"
+                "for _ in range(300):\n"
+                "    q = app.control.inspect(timeout=1).active_queues() or {}\n"
+                "    if {x['name'] for v in q.values() for x in v} >= {'nlu', 'gen'}: break\n"
+                "    time.sleep(0.5)\n"
+                "rid = submit_message('How do I activate my card?');"
+                "ev = list(stream_reply(connect(Settings().resolved_redis_url), rid));"
+                "print(ev[0][1], ev[-1][1], ev[-1][2]['intent'])")
+        client = subprocess.run([sys.executable, "-c", code], env={**env, "TANDEM_REDIS_URL": url},
+                                capture_output=True, timeout=300, cwd=Path(__file__).parents[2])
+        assert client.stdout.decode().split() == ["meta", "done", "activate_my_card"], client.stderr.decode()[-2000:]
+    finally:
+        up.send_signal(signal.SIGINT)
+        output = up.communicate(timeout=90)[0].decode()
+    assert "stopped" in output, output[-2000:]
+    assert up.returncode == 0, output[-2000:]
+    time.sleep(0.5)
+    try:
+        redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1).ping()
+        raise AssertionError("the embedded redis-server is still running")
+    except redis.ConnectionError:
+        pass

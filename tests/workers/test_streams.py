@@ -1,0 +1,75 @@
+"""Stream, cache and memory structures against the private redis-server (no workers needed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from workers.streams import ConversationMemory, ReplyCache, ReplyStream, normalise_message, stream_reply
+
+
+def test_cache_key_depends_on_message_intent_index_and_responder():
+    base = ReplyCache.key("How do I top up?", "top_up", "v1", "llama")
+    assert ReplyCache.key("  how do I TOP UP ", "top_up", "v1", "llama") == base
+    assert ReplyCache.key("How do I top up?", "top_up", "v2", "llama") != base, "new index version, new key"
+    assert ReplyCache.key("How do I top up?", "other", "v1", "llama") != base
+    assert ReplyCache.key("How do I top up?", "top_up", "v1", "openai") != base
+    assert normalise_message("It costs £5.00!") == "it costs £5.00"
+
+
+@pytest.fixture
+def client(redis_server):
+    from workers.streams import connect
+
+    return connect(redis_server.url)
+
+
+def test_stream_resumes_after_the_last_id_and_stops_at_done(client):
+    reply_id = f"r{time.time_ns()}"
+    stream = ReplyStream(client, reply_id, maxlen=100, ttl_s=60)
+
+    def write():
+        stream.publish("meta", {"intent": "x"})
+        for i in range(5):
+            time.sleep(0.02)
+            stream.publish("token", {"text": str(i)})
+        stream.publish("done", {"reply": "01234"})
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    first = []
+    for event in stream_reply(client, reply_id, block_ms=200):
+        first.append(event)
+        if len(first) == 2:
+            break
+    rest = list(stream_reply(client, reply_id, last_id=first[-1][0], block_ms=200))
+    writer.join()
+    kinds = [k for _, k, _ in first + rest]
+    assert kinds == ["meta"] + ["token"] * 5 + ["done"]
+    assert "".join(d["text"] for _, k, d in first + rest if k == "token") == "01234"
+    assert stream.finished()
+    assert 0 < client.ttl(f"tandem:reply:{reply_id}") <= 60
+
+
+def test_silent_stream_times_out(client):
+    with pytest.raises(TimeoutError):
+        list(stream_reply(client, f"never-{time.time_ns()}", block_ms=100, timeout_s=0.3))
+
+
+def test_memory_keeps_the_last_turns(client):
+    memory = ConversationMemory(client, turns=2, ttl_s=60)
+    session = f"s{time.time_ns()}"
+    for i in range(3):
+        memory.append(session, f"q{i}", f"a{i}")
+    assert [m["content"] for m in memory.history(session)] == ["q1", "a1", "q2", "a2"]
+
+
+def test_cache_round_trip_and_ttl(client):
+    cache = ReplyCache(client, ttl_s=30)
+    key = ReplyCache.key(f"m{time.time_ns()}", "i", "v", "r")
+    assert cache.get(key) is None
+    cache.put(key, {"tokens": ["a"], "result": {"reply": "a"}})
+    assert cache.get(key)["result"]["reply"] == "a"
+    assert 0 < client.ttl(key) <= 30
