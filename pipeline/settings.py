@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     # A task a dead worker had taken is handed to another after this long (acks_late).
     visibility_timeout_s: int = 300
 
+    # HTTP API (services/api.py)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_keys: list[str] = []  # plain keys from the environment; hashed as soon as they are read
+    api_keys_file: Path | None = None  # one key, or its sha256 hex, per line
+    rate_limit_per_minute: int = 120  # per API key
+    max_messages: int = 50  # messages in one chat request
+    max_batch_tickets: int = 10_000
+    cors_origins: list[str] = []
+    request_timeout_s: float = 120.0
+
     @property
     def resolved_redis_url(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"

@@ -294,11 +294,27 @@ def batch(
                   f"{summary['errors']} with errors; results in {out}")
 
 
+@app.command("api")
+@friendly
+def api(
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+) -> None:
+    """Serve the HTTP API and the chat page (uvicorn)."""
+    import uvicorn
+
+    from services.api import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
+                log_level="info", timeout_graceful_shutdown=10)
+
+
 @app.command("up")
 @friendly
 def up() -> None:
-    """Start everything on this machine: an embedded Redis (unless TANDEM_REDIS_URL is set) and a
-    worker per queue. Ctrl-C stops them all."""
+    """Start everything on this machine: an embedded Redis (unless TANDEM_REDIS_URL is set), a
+    worker per queue and the HTTP API. Ctrl-C stops them all."""
     import signal
     import subprocess
     import time
@@ -312,9 +328,10 @@ def up() -> None:
         server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
         env["TANDEM_REDIS_URL"] = server.start()
         err.print(f"embedded Redis on {server.url} (data in {server.directory})")
-    children = [subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", queue], env=env)
-                for queue in ("nlu", "gen")]
-    err.print(f"workers started (pids {', '.join(str(c.pid) for c in children)}); Ctrl-C to stop")
+    commands = [["worker", "--queues", "nlu"], ["worker", "--queues", "gen"], ["api"]]
+    children = [subprocess.Popen([sys.executable, "-m", "services.cli", *command], env=env) for command in commands]
+    err.print(f"workers and API started (pids {', '.join(str(c.pid) for c in children)}); "
+              f"chat page on http://{settings.api_host}:{settings.api_port}/ ; Ctrl-C to stop")
     stopping = False
 
     def stop(*_):

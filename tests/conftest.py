@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.settings import PACKAGE_DATA, Settings  # noqa: E402
+
+from .helpers import free_port, wait_until  # noqa: E402
 
 BANKING77 = PACKAGE_DATA / "banking77"
 
@@ -47,3 +52,98 @@ def banking77_test():
     from pipeline.data_io import read_labelled_csv
 
     return read_labelled_csv(BANKING77 / "test.csv", "text", "category")
+
+
+# ---------------------------------------------------------------- Redis and workers
+
+ROOT = Path(__file__).parents[2]
+
+
+class Workers:
+    """Starts, kills and restarts `tandem worker` processes against one Redis."""
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env = env
+        self.logs = logs
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, queue: str, wait: bool = True) -> None:
+        log = open(self.logs / f"worker-{queue}-{len(os.listdir(self.logs))}.log", "w")  # noqa: SIM115 (outlives this call)
+        self.processes[queue] = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "worker", "--queues", queue, "--name", f"{queue}-{os.getpid()}"],
+            env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready(queue)
+
+    def wait_ready(self, queue: str, timeout: float = 180) -> None:
+        from workers.app import app
+
+        def ready() -> bool:
+            if self.processes[queue].poll() is not None:
+                raise RuntimeError(f"{queue} worker exited with {self.processes[queue].returncode}")
+            queues = app.control.inspect(timeout=1).active_queues() or {}
+            return any(q["name"] == queue for qs in queues.values() for q in qs)
+
+        wait_until(ready, timeout, f"{queue} worker")
+
+    def kill(self, queue: str) -> None:
+        process = self.processes.pop(queue)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from workers.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_settings(redis_server, session_dir, monkeypatch_session) -> Settings:
+    env = {"TANDEM_REDIS_URL": redis_server.url, "TANDEM_DATA_DIR": str(session_dir / "data"),
+           "TANDEM_VISIBILITY_TIMEOUT_S": "5", "TANDEM_BATCH_CHUNK_SIZE": "25"}
+    for key, value in env.items():
+        monkeypatch_session.setenv(key, value)
+    from workers.app import configure
+
+    settings = Settings()
+    configure(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="session")
+def workers(worker_settings, tmp_path_factory):
+    pool = Workers(dict(os.environ), tmp_path_factory.mktemp("worker-logs"))
+    pool.start("nlu", wait=False)
+    pool.start("gen", wait=False)
+    pool.wait_ready("nlu")
+    pool.wait_ready("gen")
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def redis_client(worker_settings):
+    from workers.streams import connect
+
+    return connect(worker_settings.resolved_redis_url)

@@ -22,6 +22,7 @@ ROUTES = {
     "tandem.respond": {"queue": "gen"},
     "tandem.draft_batch": {"queue": "gen"},
     "tandem.report_failure": {"queue": "nlu"},
+    "tandem.search": {"queue": "nlu"},
 }
 
 

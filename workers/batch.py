@@ -13,7 +13,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -27,18 +27,25 @@ Progress = Callable[[int, int], None]
 
 
 def read_tickets(path: Path) -> list[dict]:
-    """Tickets as ``{"id", "text"}``; a malformed line becomes a ticket with an ``error``."""
+    """Tickets as ``{"id", "text"}`` from a .csv or .jsonl file; see ``parse_tickets``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    raw = path.read_bytes()
+    if path.suffix not in (".csv", ".jsonl"):
+        raise InputError(f"{path}: tickets must be .csv (id,text) or .jsonl")
+    return parse_tickets(path.read_bytes(), path.suffix[1:], str(path))
+
+
+def parse_tickets(raw: bytes, kind: str, source: str = "tickets") -> list[dict]:
+    """Tickets from CSV (``id,text``) or JSONL bytes. A malformed JSONL line becomes a ticket
+    with an ``error`` (never dropped); an unreadable file or a repeated id is an InputError."""
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise InputError(f"{path}: not valid UTF-8 (line {line})") from None
+        raise InputError(f"{source}: not valid UTF-8 (line {line})") from None
     tickets: list[dict] = []
-    if path.suffix == ".jsonl":
+    if kind == "jsonl":
         for n, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
@@ -51,24 +58,24 @@ def read_tickets(path: Path) -> list[dict]:
                 continue
             tickets.append({"id": str(row.get("id") if row.get("id") is not None else f"line-{n}"),
                             "text": row.get("text") if isinstance(row.get("text"), str) else ""})
-    elif path.suffix == ".csv":
+    elif kind == "csv":
         try:
             reader = csv.DictReader(io.StringIO(content, newline=""))
             if "text" not in (reader.fieldnames or []):
-                raise InputError(f"{path}: no 'text' column (found {', '.join(reader.fieldnames or []) or 'no header'})")
+                raise InputError(f"{source}: no 'text' column (found {', '.join(reader.fieldnames or []) or 'no header'})")
             for n, row in enumerate(reader, 2):
                 tickets.append({"id": row.get("id") or f"row-{n}", "text": row.get("text") or ""})
         except csv.Error as exc:
-            raise InputError(f"{path}: malformed CSV ({exc})") from None
+            raise InputError(f"{source}: malformed CSV ({exc})") from None
     else:
-        raise InputError(f"{path}: tickets must be .csv (id,text) or .jsonl")
+        raise InputError(f"{source}: tickets must be CSV (id,text) or JSONL")
     seen: dict[str, int] = {}
     for n, ticket in enumerate(tickets):
         if ticket["id"] in seen:
-            raise InputError(f"{path}: ticket id {ticket['id']!r} appears twice (tickets {seen[ticket['id']] + 1} and {n + 1})")
+            raise InputError(f"{source}: ticket id {ticket['id']!r} appears twice (tickets {seen[ticket['id']] + 1} and {n + 1})")
         seen[ticket["id"]] = n
     if not tickets:
-        raise InputError(f"{path}: no tickets")
+        raise InputError(f"{source}: no tickets")
     return tickets
 
 
@@ -90,7 +97,6 @@ def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Sett
     """Process every ticket not yet answered; returns counts. Raises TandemError if Redis
     stays away for ``outage_s`` (what finished is kept; a rerun resumes)."""
     from workers.app import configure
-    from workers.tasks import draft_batch, understand_batch
 
     settings = settings or Settings()
     configure(settings)
@@ -111,33 +117,16 @@ def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Sett
     steps = len(todo) * (2 if drafts else 1)
     client = redis.Redis.from_url(settings.resolved_redis_url)
 
-    pending = {}
     with partial.open("a", encoding="utf-8") as sink:
-        for chunk in chunks:
-            signature = understand_batch.s(chunk, progress_key)
-            if drafts:
-                signature = chain(signature, draft_batch.s(progress_key))
-            submitted = _retry(lambda s=signature: s.apply_async(), outage_s)
-            pending[submitted.id] = (submitted, chunk)
-        while pending:
-            for task_id, (submitted, chunk) in list(pending.items()):
-                result = _retry(lambda r=submitted: _poll(r), outage_s)
-                if result is None:
-                    continue
-                rows = result if isinstance(result, list) else \
-                    [{**t, "error": f"worker failed: {result}"} for t in chunk]
-                for row in rows:
-                    row.pop("understanding", None)
-                    results[row["id"]] = row
-                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                del pending[task_id]
+        for rows in process_chunks(chunks, drafts, progress_key, outage_s):
+            for row in rows:
+                results[row["id"]] = row
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
             if progress:
                 count = _retry(lambda: client.get(progress_key), outage_s)
                 progress(min(int(count or 0), steps), steps)
-            if pending:
-                time.sleep(0.2)
 
     ordered = [results[t["id"]] for t in tickets]
     tmp = out.with_name(out.name + ".tmp")
@@ -146,6 +135,36 @@ def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Sett
     partial.unlink(missing_ok=True)
     return {"tickets": len(tickets), "skipped": len(done), "processed": len(todo),
             "errors": sum("error" in r for r in ordered)}
+
+
+def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | None, outage_s: float = 60.0,
+                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[list[dict]]:
+    """Fan chunks out to the workers; yield each chunk's rows as it finishes (any order)."""
+    from workers.tasks import draft_batch, understand_batch
+
+    pending = {}
+    for chunk in chunks:
+        signature = understand_batch.s(chunk, progress_key)
+        if drafts:
+            signature = chain(signature, draft_batch.s(progress_key))
+        submitted = _retry(lambda s=signature: s.apply_async(), outage_s)
+        pending[submitted.id] = (submitted, chunk)
+    while pending:
+        if cancelled():
+            for submitted, _ in pending.values():
+                submitted.revoke()
+            return
+        for task_id, (submitted, chunk) in list(pending.items()):
+            result = _retry(lambda r=submitted: _poll(r), outage_s)
+            if result is None:
+                continue
+            rows = result if isinstance(result, list) else [{**t, "error": f"worker failed: {result}"} for t in chunk]
+            for row in rows:
+                row.pop("understanding", None)
+            del pending[task_id]
+            yield rows
+        if pending:
+            time.sleep(0.2)
 
 
 def _poll(result):

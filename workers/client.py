@@ -12,7 +12,8 @@ from workers.tasks import classify, report_failure, respond, retrieve
 
 
 def submit_message(message: str | bytes, session_id: str | None = None, use_cache: bool = True,
-                   reply_id: str | None = None, settings: Settings | None = None) -> str:
+                   reply_id: str | None = None, settings: Settings | None = None,
+                   history: list[dict] | None = None, limits: dict | None = None) -> str:
     """Queue classify -> retrieve -> respond; returns the reply id whose stream carries the events.
 
     The message is checked here first, so a bad one fails at once with InputError
@@ -20,6 +21,6 @@ def submit_message(message: str | bytes, session_id: str | None = None, use_cach
     settings = settings or Settings()
     message = clean_message(message, settings.max_message_chars)
     reply_id = reply_id or uuid.uuid4().hex
-    workflow = chain(classify.s(message), retrieve.s(), respond.s(reply_id, session_id, use_cache))
+    workflow = chain(classify.s(message), retrieve.s(), respond.s(reply_id, session_id, use_cache, history, limits))
     workflow.apply_async(link_error=report_failure.si(reply_id))
     return reply_id

@@ -6,14 +6,18 @@ Tasks take and return small JSON: texts, ids, intents, passages; never tensors.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import threading
+import time
 
 from celery.signals import worker_init
 
 from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding
 from pipeline.errors import TandemError
+from pipeline.responder import GenerationLimits
 from pipeline.settings import Settings
 from workers.app import app
 from workers.streams import ConversationMemory, ReplyCache, ReplyStream, connect
@@ -37,7 +41,21 @@ def get_pipeline(with_responder: bool = True) -> HybridPipeline:
 def load_models(**_) -> None:
     queues = os.environ.get("TANDEM_WORKER_QUEUES", "nlu,gen").split(",")
     log.info("loading models for queues %s", queues)
-    get_pipeline(with_responder="gen" in queues)
+    pipeline = get_pipeline(with_responder="gen" in queues)
+    threading.Thread(target=_heartbeat, args=(queues, pipeline.index.version), daemon=True).start()
+
+
+def _heartbeat(queues: list[str], index_version: str) -> None:
+    """Tell /readyz this worker is up, which queues it serves and which index it loaded."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            client = _redis()
+            for queue in queues:
+                client.set(f"tandem:worker:{queue}:{name}", json.dumps({"index_version": index_version}), ex=30)
+        except Exception as exc:  # Redis away: /readyz will say so; keep trying
+            log.warning("heartbeat failed: %s", exc)
+        time.sleep(10)
 
 
 def _redis():
@@ -63,9 +81,20 @@ def retrieve(understanding: dict) -> dict:
     return get_pipeline(False).add_passages([Understanding.from_dict(understanding)])[0].to_dict()
 
 
+@app.task(name="tandem.search")
+def search(query: str, k: int = 3, intents: list[str] | None = None) -> list[dict]:
+    pipeline = get_pipeline(False)
+    vector = pipeline.encoder.encode([_clean(pipeline, query)])[0]
+    return [p.to_dict() for p in pipeline.index.search(vector, k, intents=intents)]
+
+
 @app.task(name="tandem.respond")
-def respond(understanding: dict, reply_id: str, session_id: str | None = None, use_cache: bool = True) -> dict:
-    """Write the reply's events to its Redis stream; return the final result."""
+def respond(understanding: dict, reply_id: str, session_id: str | None = None, use_cache: bool = True,
+            history: list[dict] | None = None, limits: dict | None = None) -> dict:
+    """Write the reply's events to its Redis stream; return the final result.
+
+    ``history`` holds earlier turns the caller sent (an OpenAI-style request);
+    ``session_id`` adds those Redis remembers."""
     settings = Settings()
     client = _redis()
     stream = ReplyStream(client, reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
@@ -74,9 +103,16 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
     pipeline = get_pipeline()
     u = Understanding.from_dict(understanding)
     memory = ConversationMemory(client, settings.memory_turns, settings.memory_ttl_s)
-    history = memory.history(session_id) if session_id else []
+    history = [*(memory.history(session_id) if session_id else []), *(history or [])]
     cache = ReplyCache(client, settings.cache_ttl_s)
     key = ReplyCache.key(u.message, u.intent, pipeline.index.version, pipeline.responder.identity)
+    generation = None
+    if limits:  # per-request max_tokens / temperature; such replies are not cached
+        base = pipeline.responder.limits
+        generation = GenerationLimits(max_tokens=min(int(limits.get("max_tokens") or base.max_tokens), base.max_tokens * 4),
+                                      temperature=float(limits.get("temperature", base.temperature)), stop=base.stop,
+                                      timeout_s=base.timeout_s)
+        use_cache = False
     # A reply that depends on earlier turns is not reusable for the same message elsewhere.
     cached = cache.get(key) if use_cache and not history else None
     try:
@@ -88,7 +124,7 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         else:
             tokens: list[str] = []
             result = {}
-            for event in pipeline.respond(u, history):
+            for event in pipeline.respond(u, history, generation):
                 if isinstance(event, Meta):
                     stream.publish("meta", _meta(u, cached=False))
                 elif isinstance(event, Token):

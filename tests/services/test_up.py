@@ -17,7 +17,8 @@ from ..helpers import free_port, wait_until
 def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TANDEM_REDIS_URL"}
-    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1")
+    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1",
+               TANDEM_API_PORT=str(free_port()))
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -1,0 +1,465 @@
+"""Tandem's HTTP API (FastAPI). Routes are thin: they validate, queue work on the Celery
+workers and relay Redis streams; no model runs in this process.
+
+Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "code"}}``, so the
+official client and OpenAI-compatible front ends surface them as they would OpenAI's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from kombu.exceptions import OperationalError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from pipeline.chain import clean_message
+from pipeline.errors import InputError, TandemError
+from pipeline.settings import Settings
+from workers.streams import STREAM_KEY, TERMINAL
+
+STATIC = Path(__file__).parent / "static"
+MODEL_ID = "tandem"
+
+
+# ---------------------------------------------------------------------- request bodies
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
+            return " ".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model: str = MODEL_ID
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    user: str | None = None
+
+
+class ReplyRequest(BaseModel):
+    message: str
+    session_id: str | None = Field(default=None, max_length=200)
+    use_cache: bool = True
+
+
+class ClassifyRequest(BaseModel):
+    texts: list[str] = Field(min_length=1, max_length=256)
+
+
+class SearchRequest(BaseModel):
+    query: str
+    k: int = Field(default=3, ge=1, le=50)
+    intents: list[str] | None = None
+
+
+class TicketIn(BaseModel):
+    id: str | int
+    text: str
+
+
+# ---------------------------------------------------------------------- metrics
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tandem_http_requests_total", "HTTP requests", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("tandem_http_request_seconds", "HTTP request latency", ["route", "method"],
+                                 registry=self.registry)
+        self.stage = Histogram("tandem_stage_seconds", "pipeline stage latency, from finished replies", ["stage"],
+                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.cache = Counter("tandem_reply_cache_total", "replies by cache outcome", ["outcome"], registry=self.registry)
+        self.tokens = Counter("tandem_generated_tokens_total", "token events relayed", registry=self.registry)
+        self.generation_seconds = Counter("tandem_generation_seconds_total", "time spent generating",
+                                          registry=self.registry)
+        self.queue_depth = Gauge("tandem_queue_depth", "messages waiting per Celery queue", ["queue"],
+                                 registry=self.registry)
+
+    def reply_done(self, result: dict, tokens: int) -> None:
+        for stage, ms in (result.get("timings_ms") or {}).items():
+            self.stage.labels(stage).observe(ms / 1000)
+        self.cache.labels("hit" if result.get("cached") else "miss").inc()
+        self.tokens.inc(tokens)
+        self.generation_seconds.inc((result.get("timings_ms") or {}).get("generate", 0) / 1000)
+
+
+# ---------------------------------------------------------------------- errors
+
+def error_body(message: str, kind: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def api_error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> HTTPException:
+    return HTTPException(status, detail=error_body(message, kind, code))
+
+
+# ---------------------------------------------------------------------- the app
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    key_hashes = load_key_hashes(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from workers.app import configure
+
+        configure(settings)
+        app.state.redis = aioredis.from_url(settings.resolved_redis_url, decode_responses=True,
+                                            socket_connect_timeout=2, socket_timeout=10)
+        app.state.sync_redis = redis.Redis.from_url(settings.resolved_redis_url, decode_responses=True,
+                                                    socket_connect_timeout=2, socket_timeout=10)
+        yield
+        await app.state.redis.aclose()
+
+    app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan,
+                  description="Hybrid BERT+GPT customer-service pipeline: intent, retrieval, grounded streaming replies.")
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["*"])
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, request.method, response.status_code).inc()
+        metrics.latency.labels(path, request.method).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        body = exc.detail if isinstance(exc.detail, dict) and "error" in exc.detail else \
+            error_body(str(exc.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse(error_body(problems or "invalid request", "invalid_request_error", "validation"), 422)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return JSONResponse(error_body(str(exc), "invalid_request_error", "bad_input"), 422)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError):
+        return JSONResponse(error_body("Redis is unreachable; the request was not taken. Try again shortly.",
+                                       "service_unavailable", "redis_unavailable"), 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(OperationalError)
+    async def broker_down(request: Request, exc: OperationalError):
+        return JSONResponse(error_body(f"the task queue is unreachable ({exc}); the request was not taken. Try again "
+                                       "shortly.", "service_unavailable", "broker_unavailable"), 503,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(TandemError)
+    async def tandem_error(request: Request, exc: TandemError):
+        return JSONResponse(error_body(str(exc), "server_error"), 500)
+
+    # -------------------------------------------------------------- auth and limits
+    async def authorised(request: Request) -> str:
+        if not key_hashes:
+            return "anonymous"
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if not token or digest not in key_hashes:
+            raise api_error(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                            "authentication_error", "invalid_api_key")
+        window = int(time.time() // 60)
+        bucket = f"tandem:rate:{digest[:16]}:{window}"
+        count = await request.app.state.redis.incr(bucket)
+        if count == 1:
+            await request.app.state.redis.expire(bucket, 120)
+        if count > settings.rate_limit_per_minute:
+            retry = str(60 - int(time.time()) % 60)
+            raise HTTPException(429, detail=error_body(
+                f"rate limit of {settings.rate_limit_per_minute} requests a minute reached; retry in {retry} s",
+                "rate_limit_error", "rate_limited"), headers={"Retry-After": retry})
+        return digest[:16]
+
+    def checked_message(text: str) -> str:
+        if len(text) > settings.max_message_chars:
+            raise api_error(413, f"message is {len(text)} characters; the limit is {settings.max_message_chars}",
+                            code="message_too_long")
+        return clean_message(text, settings.max_message_chars)
+
+    async def worker_result(async_result, what: str):
+        try:
+            return await asyncio.to_thread(async_result.get, timeout=settings.request_timeout_s)
+        except TimeoutError:
+            raise api_error(504, f"no {what} worker answered within {settings.request_timeout_s:.0f} s",
+                            "service_unavailable", "worker_timeout") from None
+
+    # -------------------------------------------------------------- pages and health
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        checks: dict = {"redis": False, "workers": {}, "index_version": None}
+        try:
+            await request.app.state.redis.ping()
+            checks["redis"] = True
+            for queue in ("nlu", "gen"):
+                keys = [k async for k in request.app.state.redis.scan_iter(f"tandem:worker:{queue}:*")]
+                checks["workers"][queue] = len(keys)
+                if keys and checks["index_version"] is None:
+                    checks["index_version"] = json.loads(await request.app.state.redis.get(keys[0]) or "{}").get(
+                        "index_version")
+        except redis.RedisError as exc:
+            checks["error"] = f"Redis unreachable: {exc}"
+        ready = checks["redis"] and all(checks["workers"].get(q) for q in ("nlu", "gen")) and bool(checks["index_version"])
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        try:
+            for queue in ("nlu", "gen"):
+                metrics.queue_depth.labels(queue).set(await request.app.state.redis.llen(queue))
+        except redis.RedisError:
+            pass  # the scrape still reports the rest
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -------------------------------------------------------------- chat
+    @app.get("/v1/models")
+    async def models(_: str = Depends(authorised)) -> dict:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "tandem"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request, _: str = Depends(authorised)):
+        if len(body.messages) > settings.max_messages:
+            raise api_error(413, f"{len(body.messages)} messages; the limit is {settings.max_messages}",
+                            code="too_many_messages")
+        turns = [m for m in body.messages if m.role in ("user", "assistant")]
+        if not turns or turns[-1].role != "user":
+            raise api_error(422, "the last message must come from the user", code="no_user_message")
+        message = checked_message(turns[-1].text())
+        history = [{"role": m.role, "content": m.text()[: settings.max_message_chars]} for m in turns[:-1]]
+        limits = {k: v for k, v in {"max_tokens": body.max_tokens, "temperature": body.temperature}.items()
+                  if v is not None}
+        await request.app.state.redis.ping()  # fail fast with 503 rather than queue into a dead broker
+        reply_id = await asyncio.to_thread(_submit, message, None, True, history, limits or None)
+        completion_id = f"chatcmpl-{reply_id}"
+        created = int(time.time())
+        events = relay(request.app.state.redis, reply_id, None)
+        if body.stream:
+            return StreamingResponse(openai_chunks(events, completion_id, created, body.model),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, result = "", None
+        async for _, kind, data in events:
+            if kind == "token":
+                text += data["text"]
+            elif kind == "done":
+                result = data
+            elif kind == "error":
+                raise api_error(502, data.get("message", "generation failed"), "server_error", "generation_failed")
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["reply"]},
+                             "finish_reason": "stop"}],
+                "usage": None, "tandem": extension(result)}
+
+    async def relay(client, reply_id: str, last_id: str | None) -> AsyncIterator[tuple[str, str, dict]]:
+        """The reply's events from Redis, resuming after ``last_id``; records metrics at the end."""
+        cursor = last_id or "0-0"
+        deadline = time.monotonic() + settings.request_timeout_s
+        tokens = 0
+        while time.monotonic() < deadline:
+            response = await client.xread({STREAM_KEY.format(reply_id): cursor}, block=1000, count=100)
+            for _, entries in response or []:
+                for event_id, fields in entries:
+                    cursor = event_id
+                    kind = fields.get("event", "")
+                    data = json.loads(fields.get("data", "null"))
+                    tokens += kind == "token"
+                    if kind == "done":
+                        metrics.reply_done(data, tokens)
+                    yield event_id, kind, data
+                    if kind in TERMINAL:
+                        return
+                deadline = time.monotonic() + settings.request_timeout_s
+        yield "", "error", {"message": f"no reply within {settings.request_timeout_s:.0f} s; is a gen worker running?"}
+
+    # -------------------------------------------------------------- Tandem's own reply stream
+    @app.post("/v1/replies", status_code=202)
+    async def create_reply(body: ReplyRequest, request: Request, _: str = Depends(authorised)) -> dict:
+        message = checked_message(body.message)
+        await request.app.state.redis.ping()
+        reply_id = await asyncio.to_thread(_submit, message, body.session_id, body.use_cache, None, None)
+        return {"reply_id": reply_id, "events": f"/v1/replies/{reply_id}/events"}
+
+    @app.get("/v1/replies/{reply_id}/events")
+    async def reply_events(reply_id: str, request: Request, last_event_id: str | None = Query(default=None),
+                           _: str = Depends(authorised)):
+        resume = request.headers.get("last-event-id") or last_event_id
+
+        async def sse() -> AsyncIterator[str]:
+            async for event_id, kind, data in relay(request.app.state.redis, reply_id, resume):
+                yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -------------------------------------------------------------- tickets and jobs
+    @app.post("/v1/tickets", status_code=202)
+    async def create_job(request: Request, drafts: bool = Query(default=True), _: str = Depends(authorised),
+                         file: UploadFile | None = File(default=None)) -> dict:
+        from workers.batch import parse_tickets
+        from workers.jobs import JobStore
+
+        if file is not None:
+            raw = await file.read()
+            kind = "csv" if (file.filename or "").endswith(".csv") or file.content_type == "text/csv" else "jsonl"
+            tickets = parse_tickets(raw, kind, file.filename or "upload")
+        else:
+            try:
+                payload = await request.json()
+            except ValueError:
+                raise api_error(422, "send a JSON list of {id, text} objects, or upload a CSV/JSONL file as 'file'",
+                                code="bad_tickets") from None
+            if not isinstance(payload, list) or not payload:
+                raise api_error(422, "the body must be a non-empty JSON list of {id, text} objects", code="bad_tickets")
+            try:
+                tickets = [TicketIn.model_validate(t).model_dump() for t in payload]
+            except ValueError as exc:
+                raise api_error(422, f"bad ticket: {exc}", code="bad_tickets") from None
+            tickets = [{"id": str(t["id"]), "text": t["text"]} for t in tickets]
+            if len({t["id"] for t in tickets}) != len(tickets):
+                raise api_error(422, "ticket ids must be unique", code="duplicate_ids")
+        if len(tickets) > settings.max_batch_tickets:
+            raise api_error(413, f"{len(tickets)} tickets; the limit is {settings.max_batch_tickets} per job",
+                            code="too_many_tickets")
+        store = JobStore(request.app.state.sync_redis, settings)
+        job_id = await asyncio.to_thread(store.create, tickets, drafts)
+        asyncio.get_running_loop().run_in_executor(None, store.run, job_id, tickets)
+        return {"job_id": job_id, "status": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"}
+
+    def job_store(request: Request):
+        from workers.jobs import JobStore
+
+        return JobStore(request.app.state.sync_redis, settings)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
+        status = await asyncio.to_thread(job_store(request).status, job_id)
+        if status is None:
+            raise api_error(404, f"no job {job_id}", code="not_found")
+        return status
+
+    @app.get("/v1/jobs/{job_id}/results")
+    async def job_results(job_id: str, request: Request, _: str = Depends(authorised)):
+        store = job_store(request)
+        if await asyncio.to_thread(store.status, job_id) is None:
+            raise api_error(404, f"no job {job_id}", code="not_found")
+
+        def lines():
+            for row in store.results(job_id):
+                yield json.dumps(row, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
+        status = await asyncio.to_thread(job_store(request).cancel, job_id)
+        if status is None:
+            raise api_error(404, f"no job {job_id}", code="not_found")
+        return status
+
+    # -------------------------------------------------------------- BERT side only
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, _: str = Depends(authorised)) -> dict:
+        from workers.tasks import understand_batch
+
+        for text in body.texts:
+            checked_message(text)
+        tickets = [{"id": str(i), "text": t} for i, t in enumerate(body.texts)]
+        rows = await worker_result(await asyncio.to_thread(understand_batch.delay, tickets), "nlu")
+        keep = ("intent", "confidence", "top_intents", "escalate", "article_ids", "error")
+        return {"results": [{k: row[k] for k in keep if k in row} for row in rows]}
+
+    @app.post("/v1/search")
+    async def search(body: SearchRequest, _: str = Depends(authorised)) -> dict:
+        from workers.tasks import search as search_task
+
+        query = checked_message(body.query)
+        passages = await worker_result(await asyncio.to_thread(search_task.delay, query, body.k, body.intents), "nlu")
+        return {"passages": passages}
+
+    return app
+
+
+def _submit(message, session_id, use_cache, history, limits) -> str:
+    from workers.client import submit_message
+
+    return submit_message(message, session_id=session_id, use_cache=use_cache, history=history, limits=limits)
+
+
+def extension(result: dict) -> dict:
+    """Tandem's own fields on an OpenAI response: one documented object."""
+    return {"reply_id": result.get("reply_id"), "intent": result.get("intent"), "confidence": result.get("confidence"),
+            "sources": [{"article_id": p["article_id"], "title": p.get("title"), "url": p.get("url")}
+                        for p in result.get("passages", []) if p["article_id"] in result.get("sources", [])],
+            "grounded": result.get("grounded"), "escalate": result.get("escalate"), "cached": result.get("cached"),
+            "reply": result.get("reply")}
+
+
+async def openai_chunks(events, completion_id: str, created: int, model: str) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for _, kind, data in events:
+        if kind == "token":
+            yield chunk({"content": data["text"]})
+        elif kind == "done":
+            if not data.get("grounded", True):
+                # The draft already went out and cannot be recalled: say so and give the quoted answer.
+                yield chunk({"content": f"\n\n[Correction, quoted from our help centre] {data['reply']}"})
+            yield chunk({}, "stop", tandem=extension(data))
+        elif kind == "error":
+            yield f"data: {json.dumps(error_body(data.get('message', 'generation failed'), 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def load_key_hashes(settings: Settings) -> set[str]:
+    """SHA-256 hex digests of the accepted API keys; plain keys are not kept."""
+    hashes = {hashlib.sha256(k.encode()).hexdigest() for k in settings.api_keys if k}
+    if settings.api_keys_file:
+        try:
+            lines = settings.api_keys_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise InputError(f"cannot read TANDEM_API_KEYS_FILE {settings.api_keys_file}: {exc}") from None
+        for line in (line.strip() for line in lines):
+            if not line or line.startswith("#"):
+                continue
+            is_digest = len(line) == 64 and all(c in "0123456789abcdef" for c in line)
+            hashes.add(line if is_digest else hashlib.sha256(line.encode()).hexdigest())
+    return hashes

@@ -1,0 +1,223 @@
+"""The HTTP API against a real redis-server and real workers; the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline.settings import Settings
+
+from ..helpers import free_port, wait_until
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def api(workers, tmp_path_factory):
+    """`tandem api` in its own process, with an API key configured."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("api") / "api.log", "w")  # noqa: SIM115
+    env = {**os.environ, "TANDEM_API_KEYS": json.dumps([KEY]), "TANDEM_RATE_LIMIT_PER_MINUTE": "100000"}
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "api", "--port", str(port)], env=env,
+                               cwd=Path(__file__).parents[2], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "API")
+    yield url
+    process.terminate()
+    process.wait(20)
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_openai_client_non_streamed(api):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{api}/v1", api_key=KEY)
+    completion = client.chat.completions.create(model="tandem", messages=[
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "How long does card delivery take?"}])
+    assert completion.choices[0].message.content.strip()
+    assert completion.choices[0].finish_reason == "stop"
+    extension = completion.model_extra["tandem"]
+    assert extension["intent"] == "card_delivery_estimate"
+    assert extension["sources"] and isinstance(extension["grounded"], bool)
+    assert [m.id for m in client.models.list()] == ["tandem"]
+
+
+def test_openai_client_streamed(api):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{api}/v1", api_key=KEY)
+    stream = client.chat.completions.create(model="tandem", stream=True, max_tokens=40, messages=[
+        {"role": "user", "content": "Can I use Apple Pay with my card?"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 5 and text.strip()
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].model_extra["tandem"]["intent"] == "apple_pay_or_google_pay"
+
+
+def test_openai_client_sees_auth_errors(api):
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{api}/v1", api_key="wrong").models.list()
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"messages": [{"role": "user", "content": "x" * 100_000}]}, 413, "message_too_long"),
+    ({"messages": [{"role": "user", "content": "hi"}] * 60}, 413, "too_many_messages"),
+    ({"messages": []}, 422, "validation"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 422, "no_user_message"),
+    ({"messages": [{"role": "user", "content": "   "}]}, 422, "bad_input"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "validation"),
+])
+def test_chat_request_limits(api, body, status, code):
+    response = httpx.post(f"{api}/v1/chat/completions", json=body, headers=auth())
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+def test_malformed_json_and_missing_key(api):
+    response = httpx.post(f"{api}/v1/chat/completions", content=b"{not json", headers={**auth(), "Content-Type": "application/json"})
+    assert response.status_code == 422 and "error" in response.json()
+    response = httpx.post(f"{api}/v1/replies", json={"message": "hi"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_reply_events_resume_from_last_event_id(api):
+    created = httpx.post(f"{api}/v1/replies", json={"message": "How do I change my PIN?", "use_cache": False},
+                         headers=auth())
+    assert created.status_code == 202
+    events_url = f"{api}{created.json()['events']}"
+
+    def read(headers: dict, stop_after: int | None = None) -> list[dict]:
+        events = []
+        with httpx.stream("GET", events_url, headers={**auth(), **headers}, timeout=120) as response:
+            current: dict = {}
+            for line in response.iter_lines():
+                if line.startswith("id: "):
+                    current["id"] = line[4:]
+                elif line.startswith("event: "):
+                    current["event"] = line[7:]
+                elif line.startswith("data: "):
+                    current["data"] = json.loads(line[6:])
+                elif not line and current:
+                    events.append(current)
+                    current = {}
+                    if stop_after and len(events) == stop_after:
+                        break
+        return events
+
+    first = read({}, stop_after=3)
+    rest = read({"Last-Event-ID": first[-1]["id"]})
+    everything = read({})
+    assert [e["id"] for e in first + rest] == [e["id"] for e in everything]
+    assert everything[0]["event"] == "meta" and everything[-1]["event"] == "done"
+
+
+def test_ticket_jobs_json_csv_results_and_cancel(api):
+    tickets = [{"id": f"t{i}", "text": text} for i, text in enumerate(
+        ["my card has not arrived", "what is your exchange rate", "", "I want to close my account"])]
+    created = httpx.post(f"{api}/v1/tickets?drafts=false", json=tickets, headers=auth())
+    assert created.status_code == 202
+    job = created.json()["job_id"]
+    wait_until(lambda: httpx.get(f"{api}/v1/jobs/{job}", headers=auth()).json()["state"] == "done", 120, "job")
+    status = httpx.get(f"{api}/v1/jobs/{job}", headers=auth()).json()
+    assert status["total"] == status["processed"] == 4 and status["errors"] == 1 and status["progress"] == 1.0
+    rows = [json.loads(line) for line in httpx.get(f"{api}/v1/jobs/{job}/results", headers=auth()).text.splitlines()]
+    assert [r["id"] for r in rows] == ["t0", "t1", "t2", "t3"]
+    assert rows[0]["intent"] == "card_arrival" and "empty" in rows[2]["error"]
+
+    upload = httpx.post(f"{api}/v1/tickets?drafts=false", headers=auth(),
+                        files={"file": ("t.csv", b"id,text\na,my pin is blocked\nb,top up failed\n", "text/csv")})
+    assert upload.status_code == 202
+    big = [{"id": i, "text": f"where is my card {i}"} for i in range(3000)]
+    job = httpx.post(f"{api}/v1/tickets?drafts=false", json=big, headers=auth()).json()["job_id"]
+    cancelled = httpx.delete(f"{api}/v1/jobs/{job}", headers=auth()).json()
+    assert cancelled["state"] == "cancelled"
+    assert httpx.get(f"{api}/v1/jobs/nope", headers=auth()).status_code == 404
+
+
+@pytest.mark.parametrize("body, code", [
+    ([], "bad_tickets"), ({"id": 1}, "bad_tickets"), ([{"id": 1}], "bad_tickets"),
+    ([{"id": 1, "text": "a"}, {"id": 1, "text": "b"}], "duplicate_ids"),
+])
+def test_bad_ticket_bodies(api, body, code):
+    response = httpx.post(f"{api}/v1/tickets", json=body, headers=auth())
+    assert response.status_code == 422 and response.json()["error"]["code"] == code
+
+
+def test_bad_ticket_upload(api):
+    response = httpx.post(f"{api}/v1/tickets", headers=auth(), files={"file": ("t.csv", b"id,body\n1,x\n", "text/csv")})
+    assert response.status_code == 422 and "no 'text' column" in response.json()["error"]["message"]
+
+
+def test_classify_and_search(api):
+    classified = httpx.post(f"{api}/v1/classify", json={"texts": ["I forgot my passcode", "my PIN is blocked"]},
+                            headers=auth(), timeout=60).json()["results"]
+    assert [r["intent"] for r in classified] == ["passcode_forgotten", "pin_blocked"]
+    found = httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery", "k": 2},
+                       headers=auth(), timeout=60).json()["passages"]
+    assert len(found) == 2 and {"article_id", "score", "text"} <= set(found[0])
+
+
+def test_health_readiness_metrics_and_page(api):
+    assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{api}/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["workers"]["gen"] >= 1
+    metrics = httpx.get(f"{api}/metrics").text
+    assert 'tandem_http_requests_total{method="POST",route="/v1/chat/completions"' in metrics
+    assert "tandem_stage_seconds_bucket" in metrics and "tandem_queue_depth" in metrics
+    page = httpx.get(f"{api}/")
+    assert page.status_code == 200 and "<title>Tandem chat</title>" in page.text
+
+
+def test_rate_limit_per_key(worker_settings):
+    settings = worker_settings.model_copy(update={"api_keys": ["rl-key"], "rate_limit_per_minute": 3})
+    from services.api import create_app
+
+    with TestClient(create_app(settings)) as client:
+        codes = [client.get("/v1/models", headers={"Authorization": "Bearer rl-key"}).status_code for _ in range(4)]
+        assert codes[:3] == [200, 200, 200] and codes[3] == 429
+        limited = client.get("/v1/models", headers={"Authorization": "Bearer rl-key"})
+        assert limited.json()["error"]["code"] == "rate_limited" and int(limited.headers["Retry-After"]) > 0
+
+
+def test_redis_down_gives_503_with_a_clear_message():
+    from services.api import create_app
+    from workers.app import configure
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with TestClient(create_app(settings)) as client:
+            response = client.post("/v1/replies", json={"message": "hello"})
+            assert response.status_code == 503
+            assert "Redis is unreachable" in response.json()["error"]["message"]
+            chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}]})
+            assert chat.status_code == 503 and chat.headers["Retry-After"] == "5"
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["redis"] is False
+            assert client.get("/healthz").status_code == 200
+    finally:
+        configure(Settings())  # the Celery app is process-wide: point it back for later tests
+
+
+def test_keys_file_holds_plain_keys_or_digests(tmp_path):
+    import hashlib
+
+    from services.api import load_key_hashes
+
+    digest = hashlib.sha256(b"second").hexdigest()
+    (tmp_path / "keys").write_text(f"# ops keys\nfirst\n{digest}\n")
+    hashes = load_key_hashes(Settings(api_keys_file=tmp_path / "keys"))
+    assert hashes == {hashlib.sha256(b"first").hexdigest(), digest}
