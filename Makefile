@@ -10,13 +10,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install run test lint bench
+.PHONY: install browser run test lint bench
 install: $(VENV)/.installed
 
-run: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem ask "I lost my card"
+# Debian's Chromium and its driver, for the chat page's browser test (needs root, as CI has).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-test: install
+run: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tandem up
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 

@@ -1,0 +1,62 @@
+"""The chat page in Debian's headless Chromium, driven by Selenium: type, watch tokens arrive,
+see the intent and the source link."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+
+from .conftest import KEY
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("Debian's chromium and chromium-driver are needed (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="tandem-chromium-")
+    # No background traffic: this machine's network is closed.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_chat_page_streams_a_reply_with_its_source(api, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{api}/")
+    assert browser.title == "Tandem chat"
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "message").send_keys("How do I activate my new card?")
+    browser.find_element(By.ID, "send").click()
+
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".turn.bot .reply"))
+    seen_lengths = set()
+
+    def growing(_):
+        seen_lengths.add(len(reply.text))
+        return browser.find_elements(By.CSS_SELECTOR, ".turn.bot .sources a")
+
+    links = wait.until(growing)
+    assert len([n for n in seen_lengths if n > 0]) >= 2, "the reply grew token by token, not in one piece"
+    meta = browser.find_element(By.CSS_SELECTOR, ".turn.bot .meta").text
+    assert "intent activate_my_card" in meta and "confidence" in meta
+    assert links[0].get_attribute("href").endswith("/articles/activate-my-card")
+    assert reply.text.strip()
+    browser.save_screenshot(str(tmp_path / "chat.png"))
