@@ -22,7 +22,9 @@ TERMINAL = {"done", "error"}
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=10)
+    # The socket timeout must outlast XREAD's BLOCK (redis-py's default of 5 s does not).
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=10, socket_timeout=30,
+                                socket_connect_timeout=5)
 
 
 class ReplyStream:
@@ -47,7 +49,7 @@ class ReplyStream:
         return bool(last) and last[0][1].get("event") in TERMINAL
 
 
-def stream_reply(client: redis.Redis, reply_id: str, last_id: str | None = None, block_ms: int = 5000,
+def stream_reply(client: redis.Redis, reply_id: str, last_id: str | None = None, block_ms: int = 2000,
                  timeout_s: float = 120.0) -> Iterator[tuple[str, str, dict | str]]:
     """Yield ``(event_id, event, data)`` after ``last_id`` until ``done`` or ``error``.
 

@@ -201,3 +201,51 @@ def test_keys_file_holds_plain_keys_or_digests(tmp_path):
     (tmp_path / "keys").write_text(f"# ops keys\nfirst\n{digest}\n")
     hashes = load_key_hashes(Settings(api_keys_file=tmp_path / "keys"))
     assert hashes == {hashlib.sha256(b"first").hexdigest(), digest}
+
+
+def test_redis_restart_under_load(api, redis_server):
+    """Redis goes away while chats are in flight: 503s with a clear message, /readyz red, and
+    the service takes requests again within 5 s of Redis returning, by itself."""
+    import threading
+    import time
+
+    stop = threading.Event()
+    outcomes: list[int] = []
+
+    def chat_loop():
+        while not stop.is_set():
+            try:
+                response = httpx.post(f"{api}/v1/chat/completions", headers=auth(), timeout=60,
+                                      json={"messages": [{"role": "user", "content": "How do I top up by card?"}]})
+                outcomes.append(response.status_code)
+                if response.status_code == 503:
+                    assert "unreachable" in response.json()["error"]["message"]
+            except httpx.HTTPError:
+                outcomes.append(-1)
+
+    threads = [threading.Thread(target=chat_loop) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    redis_server.stop()
+    try:
+        time.sleep(1)
+        ready = httpx.get(f"{api}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["redis"] is False
+        refused = httpx.post(f"{api}/v1/replies", json={"message": "hello"}, headers=auth(), timeout=10)
+        assert refused.status_code == 503 and "Redis is unreachable" in refused.json()["error"]["message"]
+        time.sleep(3)
+    finally:
+        redis_server.start()
+    back = time.monotonic()
+    wait_until(lambda: httpx.get(f"{api}/readyz", timeout=2).status_code == 200, 5, "readiness after Redis returned")
+    wait_until(lambda: httpx.post(f"{api}/v1/replies", json={"message": "hi there"}, headers=auth(),
+                                  timeout=2).status_code == 202, 5 - (time.monotonic() - back), "accepting requests")
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    assert -1 not in outcomes, "no connection was dropped without an answer"
+    assert set(outcomes) <= {200, 503}
+    recovered = httpx.post(f"{api}/v1/chat/completions", headers=auth(), timeout=120,
+                           json={"messages": [{"role": "user", "content": "How do I change my PIN?"}]})
+    assert recovered.status_code == 200 and recovered.json()["choices"][0]["message"]["content"].strip()

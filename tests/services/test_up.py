@@ -15,10 +15,10 @@ from ..helpers import free_port, wait_until
 
 
 def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TANDEM_REDIS_URL"}
+    port, api_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
     env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1",
-               TANDEM_API_PORT=str(free_port()))
+               TANDEM_API_PORT=str(api_port))
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -39,6 +39,19 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
         client = subprocess.run([sys.executable, "-c", code], env={**env, "TANDEM_REDIS_URL": url},
                                 capture_output=True, timeout=300, cwd=Path(__file__).parents[2])
         assert client.stdout.decode().split() == ["meta", "done", "activate_my_card"], client.stderr.decode()[-2000:]
+
+        # The official openai client against the API that `tandem up` started.
+        from openai import OpenAI
+
+        openai = OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused")
+        wait_until(lambda: openai.models.list().data[0].id == "tandem", 60, "API")
+        plain = openai.chat.completions.create(model="tandem", messages=[{"role": "user", "content": "I lost my card"}])
+        assert plain.choices[0].message.content.strip()
+        assert plain.model_extra["tandem"]["intent"] == "lost_or_stolen_card"
+        chunks = list(openai.chat.completions.create(model="tandem", stream=True, messages=[
+            {"role": "user", "content": "How much does express delivery cost?"}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+        assert chunks[-1].choices[0].finish_reason == "stop"
     finally:
         up.send_signal(signal.SIGINT)
         output = up.communicate(timeout=90)[0].decode()
