@@ -39,9 +39,10 @@ def build_messages(message: str, intent: str, passages: list[Passage], history: 
                    max_passages: int = 1) -> list[dict]:
     """Chat messages for a grounded answer; ``history`` holds earlier turns as role/content dicts.
 
-    Article first, question and instruction last: on the 70-question grounding set this
-    layout with one passage doubled the 135M model's key-fact recall over the question-
-    first layout with two passages (bench/README.md)."""
+    Article first, question and instruction last: on every third question of the grounding
+    set (24), this layout with one passage gave the 135M model's drafts 46% key-fact recall,
+    against 19% for an instruction-first layout with two passages and 31% for article-first
+    with two (measured 2026-11-22 with llama.cpp)."""
     article = "\n\n".join(f"{p.title}\n{_plain(p.text)}" for p in passages[:max_passages])
     user = (f"Help article:\n{article}\n\nCustomer question: {message}\n\n"
             f"Answer the question in two sentences, using the exact facts and numbers from the help article.")
