@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install browser run test lint bench
+.PHONY: install browser run test fuzz lint bench
 install: $(VENV)/.installed
 
 # Debian's Chromium and its driver, for the chat page's browser test (needs root, as CI has).
@@ -25,8 +25,14 @@ test: install browser
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+fuzz: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m fuzz
+
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Every figure in the README's "Measured" section (about 30 minutes on 2 cores).
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) -m bench
+	for b in intents retrieval latency grounding distributed; do HF_HUB_OFFLINE=1 $(PY) -m bench $$b || exit 1; done
+	HF_HUB_OFFLINE=1 $(PY) -m bench.load
+	$(PY) -m bench.report

@@ -63,6 +63,7 @@ async def one_chat(client: httpx.AsyncClient, url: str, message: str) -> dict:
 
 
 async def client_loop(url: str, messages: list[str], offset: int, until: float, results: list) -> None:
+    """One chat at a time until ``until``; client ``offset`` takes messages offset, offset+50, ..."""
     async with httpx.AsyncClient() as client:
         n = offset
         while time.monotonic() < until:
@@ -70,7 +71,7 @@ async def client_loop(url: str, messages: list[str], offset: int, until: float, 
                 results.append(await one_chat(client, url, messages[n % len(messages)]))
             except httpx.HTTPError as exc:
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
-            n += 7
+            n += 50  # clients never share a message, so replies come from the generator, not the cache
 
 
 def tree_rss_mb(pid: int) -> dict[str, float]:

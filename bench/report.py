@@ -73,7 +73,11 @@ def main() -> None:
         out.append(f"**Load**, `python -m bench.load` ({r['machine']['date']}): {r['clients']} concurrent streaming chats for "
                    f"{r['seconds']} s against `tandem up`: {r['chats']} chats, {r['errors']} errors, {r['truncated']} "
                    f"truncated, {r['interleaved']} interleaved; first token p50 {r['first_token_ms_p50']} ms, p95 "
-                   f"{r['first_token_ms_p95']} ms; {r['chunks_per_s']} streamed chunks/s in all. {r['note']}.\n")
+                   f"{r['first_token_ms_p95']} ms; {r['chunks_per_s']} streamed chunks/s in all. {r['note']}.")
+        samples = [(m["t"], sum(m["rss_mb"].values())) for m in r.get("memory_samples", [])]
+        if len(samples) > 2:
+            out.append(f"Memory of `tandem up` and its children: {samples[1][1]:.0f} MB at {samples[1][0]} s, "
+                       f"{samples[-1][1]:.0f} MB at {samples[-1][0]} s.\n")
     print("\n".join(out))
 
 

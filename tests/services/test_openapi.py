@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import KEY
 
 
+@pytest.mark.fuzz
 def test_no_server_errors_for_generated_requests(api, tmp_path):
     st = Path(sys.executable).parent / "st"
     result = subprocess.run(
