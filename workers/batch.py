@@ -142,29 +142,40 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
     """Fan chunks out to the workers; yield each chunk's rows as it finishes (any order)."""
     from workers.tasks import draft_batch, understand_batch
 
-    pending = {}
-    for chunk in chunks:
+    def submit(chunk: list[dict]):
         signature = understand_batch.s(chunk, progress_key)
         if drafts:
             signature = chain(signature, draft_batch.s(progress_key))
-        submitted = _retry(lambda s=signature: s.apply_async(), outage_s)
-        pending[submitted.id] = (submitted, chunk)
+        return _retry(lambda: signature.apply_async(), outage_s)
+
+    pending = {}
+    for chunk in chunks:
+        submitted = submit(chunk)
+        pending[submitted.id] = (submitted, chunk, 0)
     while pending:
         if cancelled():
-            for submitted, _ in pending.values():
+            for submitted, _, _ in pending.values():
                 submitted.revoke()
             return
-        for task_id, (submitted, chunk) in list(pending.items()):
+        for task_id, (submitted, chunk, attempts) in list(pending.items()):
             result = _retry(lambda r=submitted: _poll(r), outage_s)
             if result is None:
+                continue
+            del pending[task_id]
+            if not isinstance(result, list) and _transient(result) and attempts < 3:
+                again = submit(chunk)  # the worker lost Redis mid-chunk: the tickets are fine, run them again
+                pending[again.id] = (again, chunk, attempts + 1)
                 continue
             rows = result if isinstance(result, list) else [{**t, "error": f"worker failed: {result}"} for t in chunk]
             for row in rows:
                 row.pop("understanding", None)
-            del pending[task_id]
             yield rows
         if pending:
             time.sleep(0.2)
+
+
+def _transient(error: str) -> bool:
+    return any(name in error for name in ("ConnectionError", "TimeoutError", "OperationalError", "WorkerLostError"))
 
 
 def _poll(result):

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 
+import redis
 from celery.signals import worker_init
 
 from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding
@@ -63,10 +64,15 @@ def _redis():
 
 
 def _progress(key: str | None, n: int) -> None:
-    if key:
+    """Best effort: a progress bar must not fail the work it reports on (Redis may be restarting)."""
+    if not key:
+        return
+    try:
         client = _redis()
         client.incrby(key, n)
         client.expire(key, Settings().result_ttl_s)
+    except redis.RedisError as exc:
+        log.warning("progress update lost: %s", exc)
 
 
 # ------------------------------------------------------------------ one message

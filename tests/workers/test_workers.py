@@ -147,14 +147,20 @@ def run_in_thread(target):
     return thread, box
 
 
-def test_killed_worker_loses_no_ticket(workers, tmp_path, redis_client):
-    ids = write_tickets(tmp_path / "t.jsonl", 2000)
+def batch_under_way(tmp_path, tickets: int, rows_before: int):
+    """Start a batch in a thread; return once ``rows_before`` results are saved."""
+    ids = write_tickets(tmp_path / "t.jsonl", tickets)
     thread, box = run_in_thread(lambda: run_batch(tmp_path / "t.jsonl", tmp_path / "out.jsonl", drafts=False))
     partial = tmp_path / "out.jsonl.partial"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 300):
+    while time.monotonic() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < rows_before):
         time.sleep(0.2)
     assert partial.exists(), "the batch had started"
+    return ids, thread, box
+
+
+def test_killed_worker_loses_no_ticket(workers, tmp_path, redis_client):
+    ids, thread, box = batch_under_way(tmp_path, 2000, rows_before=300)
     workers.kill("nlu")  # kill -9 in the middle of a chunk
     workers.start("nlu")
     thread.join(300)
@@ -165,12 +171,7 @@ def test_killed_worker_loses_no_ticket(workers, tmp_path, redis_client):
 
 
 def test_redis_outage_mid_batch_is_ridden_out(workers, tmp_path, redis_server):
-    ids = write_tickets(tmp_path / "t.jsonl", 1000)
-    thread, box = run_in_thread(lambda: run_batch(tmp_path / "t.jsonl", tmp_path / "out.jsonl", drafts=False))
-    partial = tmp_path / "out.jsonl.partial"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 100):
-        time.sleep(0.2)
+    ids, thread, box = batch_under_way(tmp_path, 1000, rows_before=100)
     redis_server.stop()
     time.sleep(5)
     redis_server.start()
