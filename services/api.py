@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -319,6 +320,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def reply_events(reply_id: str, request: Request, last_event_id: str | None = Query(default=None),
                            _: str = Depends(authorised)):
         resume = request.headers.get("last-event-id") or last_event_id
+        if resume is not None and not re.fullmatch(r"\d+(-\d+)?", resume):
+            raise api_error(422, f"Last-Event-ID {resume[:40]!r} is not an event id from this stream (like 1700000000000-0)",
+                            code="bad_event_id")
 
         async def sse() -> AsyncIterator[str]:
             async for event_id, kind, data in relay(request.app.state.redis, reply_id, resume):
@@ -333,10 +337,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from workers.batch import parse_tickets
         from workers.jobs import JobStore
 
+        if file is None and request.headers.get("content-type", "").startswith("multipart/"):
+            raise api_error(422, "no file in the upload; send a CSV (id,text) or JSONL file of tickets as 'file'",
+                            code="bad_tickets")
         if file is not None:
-            raw = await file.read()
-            kind = "csv" if (file.filename or "").endswith(".csv") or file.content_type == "text/csv" else "jsonl"
-            tickets = parse_tickets(raw, kind, file.filename or "upload")
+            raw = await file.read() if hasattr(file, "read") else b""
+            if not raw.strip():
+                raise api_error(422, "the uploaded file is empty; send a CSV (id,text) or JSONL file of tickets",
+                                code="bad_tickets")
+            name = getattr(file, "filename", "") or "upload"
+            kind = "csv" if name.endswith(".csv") or getattr(file, "content_type", "") == "text/csv" else "jsonl"
+            tickets = parse_tickets(raw, kind, name)
         else:
             try:
                 payload = await request.json()

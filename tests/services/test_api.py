@@ -140,6 +140,20 @@ def test_bad_ticket_bodies(api, body, code):
 def test_bad_ticket_upload(api):
     response = httpx.post(f"{api}/v1/tickets", headers=auth(), files={"file": ("t.csv", b"id,body\n1,x\n", "text/csv")})
     assert response.status_code == 422 and "no 'text' column" in response.json()["error"]["message"]
+    # found by schemathesis: an empty multipart part named "file" with no filename
+    boundary = "b0undary"
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"\r\n\r\n\r\n--{boundary}--\r\n'
+    empty = httpx.post(f"{api}/v1/tickets", content=body.encode(),
+                       headers={**auth(), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert empty.status_code == 422 and "no file in the upload" in empty.json()["error"]["message"]
+    blank = httpx.post(f"{api}/v1/tickets", headers=auth(), files={"file": ("t.jsonl", b"  \n", "application/jsonl")})
+    assert blank.status_code == 422 and "empty" in blank.json()["error"]["message"]
+
+
+def test_bad_last_event_id(api):
+    # found by schemathesis: Redis rejects a malformed stream id after the SSE response has started
+    response = httpx.get(f"{api}/v1/replies/x/events", headers={**auth(), "Last-Event-ID": "not-an-id"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "bad_event_id"
 
 
 def test_classify_and_search(api):
