@@ -376,18 +376,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return JobStore(request.app.state.sync_redis, settings)
 
-    @app.get("/v1/jobs/{job_id}")
-    async def job_status(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
-        status = await asyncio.to_thread(job_store(request).status, job_id)
+    async def existing_job(action, job_id: str) -> dict:
+        status = await asyncio.to_thread(action, job_id)
         if status is None:
             raise api_error(404, f"no job {job_id}", code="not_found")
         return status
 
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
+        return await existing_job(job_store(request).status, job_id)
+
     @app.get("/v1/jobs/{job_id}/results")
     async def job_results(job_id: str, request: Request, _: str = Depends(authorised)):
         store = job_store(request)
-        if await asyncio.to_thread(store.status, job_id) is None:
-            raise api_error(404, f"no job {job_id}", code="not_found")
+        await existing_job(store.status, job_id)
 
         def lines():
             for row in store.results(job_id):
@@ -397,10 +399,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
-        status = await asyncio.to_thread(job_store(request).cancel, job_id)
-        if status is None:
-            raise api_error(404, f"no job {job_id}", code="not_found")
-        return status
+        return await existing_job(job_store(request).cancel, job_id)
 
     # -------------------------------------------------------------- BERT side only
     @app.post("/v1/classify")

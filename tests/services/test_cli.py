@@ -123,3 +123,14 @@ def test_ask_with_a_corrupt_index_is_a_clear_error(tmp_path):
     env_run = subprocess.run([*TANDEM, "ask", "hello"], capture_output=True, timeout=300,
                              env={**os.environ, "TANDEM_INDEX_DIR": str(tmp_path / "ix"), "HF_HUB_OFFLINE": "1"})
     assert_clean_error(env_run, "corrupt")
+
+
+def test_worker_and_batch_reject_bad_arguments(tmp_path):
+    result = run(["worker", "--queues", "bogus"], tmp_path)
+    assert result.returncode == 2 and "queues must be among nlu, gen" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+    (tmp_path / "t.txt").write_text("x")
+    assert_clean_error(run(["batch", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.jsonl")], tmp_path),
+                       "tickets must be .csv")
+    assert_clean_error(run(["batch", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl")], tmp_path),
+                       "no such file")
