@@ -6,6 +6,7 @@ Tasks take and return small JSON: texts, ids, intents, passages; never tensors.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import time
 import redis
 from celery.signals import worker_init
 
-from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding
+from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding, clean_message
 from pipeline.errors import TandemError
 from pipeline.responder import GenerationLimits
 from pipeline.settings import Settings
@@ -32,7 +33,7 @@ def get_pipeline(with_responder: bool = True) -> HybridPipeline:
     global _pipeline
     with _lock:
         if _pipeline is None:
-            _pipeline = HybridPipeline.from_settings(Settings(), load_responder=with_responder)
+            _pipeline = HybridPipeline.from_settings(_settings(), load_responder=with_responder)
         elif with_responder:
             _pipeline.responder.warm_up()
     return _pipeline
@@ -59,8 +60,16 @@ def _heartbeat(queues: list[str], index_version: str) -> None:
         time.sleep(10)
 
 
+@functools.cache
+def _settings() -> Settings:
+    """Read once per worker process: the environment does not change under a running worker."""
+    return Settings()
+
+
+@functools.cache
 def _redis():
-    return connect(Settings().resolved_redis_url)
+    """One connection pool per worker process, not one per task."""
+    return connect(_settings().resolved_redis_url)
 
 
 def _progress(key: str | None, n: int) -> None:
@@ -70,7 +79,7 @@ def _progress(key: str | None, n: int) -> None:
     try:
         client = _redis()
         client.incrby(key, n)
-        client.expire(key, Settings().result_ttl_s)
+        client.expire(key, _settings().result_ttl_s)
     except redis.RedisError as exc:
         log.warning("progress update lost: %s", exc)
 
@@ -90,7 +99,7 @@ def retrieve(understanding: dict) -> dict:
 @app.task(name="tandem.search")
 def search(query: str, k: int = 3, intents: list[str] | None = None) -> list[dict]:
     pipeline = get_pipeline(False)
-    vector = pipeline.encoder.encode([_clean(pipeline, query)])[0]
+    vector = pipeline.encoder.encode([clean_message(query, pipeline.settings.max_message_chars)])[0]
     return [p.to_dict() for p in pipeline.index.search(vector, k, intents=intents)]
 
 
@@ -101,7 +110,7 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
 
     ``history`` holds earlier turns the caller sent (an OpenAI-style request);
     ``session_id`` adds those Redis remembers."""
-    settings = Settings()
+    settings = _settings()
     client = _redis()
     stream = ReplyStream(client, reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
     if stream.finished():  # redelivered after a worker died past the end: the client already has it
@@ -168,7 +177,7 @@ def understand_batch(tickets: list[dict], progress_key: str | None = None) -> li
     good = []
     for row in rows:
         try:
-            row["text"] = _clean(pipeline, row["text"])
+            row["text"] = clean_message(row["text"], pipeline.settings.max_message_chars)
             good.append(row)
         except TandemError as exc:
             row["error"] = str(exc)
@@ -178,12 +187,6 @@ def understand_batch(tickets: list[dict], progress_key: str | None = None) -> li
                        article_ids=list(dict.fromkeys(p.article_id for p in u.passages)), understanding=u.to_dict())
     _progress(progress_key, len(rows))
     return rows
-
-
-def _clean(pipeline: HybridPipeline, text) -> str:
-    from pipeline.chain import clean_message
-
-    return clean_message(text, pipeline.settings.max_message_chars)
 
 
 @app.task(name="tandem.draft_batch")
@@ -206,7 +209,7 @@ def draft_batch(rows: list[dict], progress_key: str | None = None) -> list[dict]
 @app.task(name="tandem.report_failure")
 def report_failure(reply_id: str) -> None:
     """Errback of a message's chain: a stage failed outside the pipeline's own error handling."""
-    settings = Settings()
+    settings = _settings()
     stream = ReplyStream(_redis(), reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
     if not stream.finished():
         stream.publish("error", {"message": "the request failed in a worker; try again"})
