@@ -259,9 +259,12 @@ def bench_latency(args) -> None:
                      "first_token_ms_max": round(max(first_tokens), 1)})
 
 
+PERFORMANCE_SUITE = ["nlu", "decode", "e2e", "serving", "hardware"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    sub = parser.add_subparsers(dest="name", required=True)
+    sub = parser.add_subparsers(dest="name")  # none: the whole performance suite, then the report
     p = sub.add_parser("intents")
     p.add_argument("--encoder-methods", nargs="*", default=[], help="also train finetune / lora (slow on CPU)")
     p.add_argument("--epochs", type=int, default=4)
@@ -274,11 +277,43 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=30)
     p = sub.add_parser("latency")
     p.add_argument("-n", type=int, default=30)
+    # Issue 5: bench/perf.py
+    p = sub.add_parser("nlu")
+    p.add_argument("--tickets", type=int, default=1024)
+    p.add_argument("--peer-tickets", type=int, default=200, help="the per-ticket peers are slow; a smaller spread sample")
+    p.add_argument("--full-accuracy", action=argparse.BooleanOptionalAction, default=True)
+    p = sub.add_parser("decode")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--rounds", type=int, default=2, help="replies per stream at each level")
+    p.add_argument("--alone-replies", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser("e2e")
+    p.add_argument("--tickets", type=int, default=64)
+    p.add_argument("--peer-tickets", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p = sub.add_parser("serving")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    sub.add_parser("hardware")
+    sub.add_parser("report")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.name is None:
+        # Each in a fresh process: one bench's models and threads must not weigh on the next.
+        for name in PERFORMANCE_SUITE:
+            subprocess.run([sys.executable, "-m", "bench", name], check=True)
+        subprocess.run([sys.executable, "-m", "bench.peft"], check=True)
+        subprocess.run([sys.executable, "-m", "bench", "report"], check=True)
+        return
     quiet()
+    from bench import perf, report
+
     {"intents": bench_intents, "retrieval": bench_retrieval, "grounding": bench_grounding,
-     "latency": bench_latency, "distributed": bench_distributed}[args.name](args)
+     "latency": bench_latency, "distributed": bench_distributed, "nlu": perf.bench_nlu, "decode": perf.bench_decode,
+     "e2e": perf.bench_e2e, "serving": perf.bench_serving, "hardware": perf.bench_hardware,
+     "report": lambda _: report.main()}[args.name](args)
 
 
 if __name__ == "__main__":

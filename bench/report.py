@@ -1,4 +1,5 @@
-"""Render bench/results/*.json as the README's "Measured" section: ``python -m bench.report``."""
+"""Render bench/results/*.json: the README's "Measured" section on stdout, and
+bench/results/REPORT.md with its plots (PNG): ``python -m bench report``."""
 
 from __future__ import annotations
 
@@ -78,7 +79,147 @@ def main() -> None:
         if len(samples) > 2:
             out.append(f"Memory of `tandem up` and its children: {samples[1][1]:.0f} MB at {samples[1][0]} s, "
                        f"{samples[-1][1]:.0f} MB at {samples[-1][0]} s.\n")
+    out.extend(performance())
     print("\n".join(out))
+    (RESULTS / "REPORT.md").write_text("# Tandem benchmark report\n\nWritten by `python -m bench report` from "
+                                       "`bench/results/*.json`.\n\n" + "\n".join(out) + "\n" + plots())
+
+
+def ms(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f} ms"
+
+
+def performance() -> list[str]:
+    """Issue 5's figures: ours against the peers measured in the same run."""
+    out: list[str] = []
+    nlu = load("nlu")
+    if nlu:
+        r = nlu["rows"]
+        out.append(f"**NLU throughput** (classify + retrieve), `python -m bench nlu` ({nlu['machine']['date']}, "
+                   f"{nlu['machine']['cores']} cores, {nlu['machine']['cpu']}):\n")
+        out.append("| pipeline | tickets/s | × naive | accuracy on the same tickets | tickets |\n|---|---|---|---|---|")
+        naive = r["naive"]["tickets_per_s"]
+        names = {"ours_fp32": "Tandem (batched, fp32)", "ours_int8": "Tandem (batched, int8 dynamic)",
+                 "naive": "naive (transformers `pipeline` per ticket)", "haystack": "Haystack 2 (per ticket)"}
+        for key, name in names.items():
+            if key in r:
+                out.append(f"| {name} | {r[key]['tickets_per_s']} | {r[key]['tickets_per_s'] / naive:.1f}× "
+                           f"| {pct(r[key]['accuracy'])} | {r[key]['n']} |")
+        ratios = nlu["ratios"]
+        out.append(f"\nTandem over naive: {ratios['ours_over_naive']}×; over Haystack: {ratios['ours_over_haystack']}×.")
+        if nlu.get("full_test_accuracy"):
+            a = nlu["full_test_accuracy"]
+            out.append(f" On all 3,080 test messages: fp32 {pct(a.get('fp32'))}, int8 {pct(a.get('int8'))}.")
+        out.append("")
+    decode = load("decode")
+    if decode:
+        alone = decode["llama_cpp_alone"]
+        out.append(f"**Decode throughput**, SmolLM2-135M Q4_1, {decode['threads']} threads, {decode['max_tokens']}-token "
+                   f"replies to grounded prompts, `python -m bench decode` ({decode['machine']['date']}):\n")
+        out.append("| concurrent streams | aggregate tokens/s | × single stream | first token p50 |\n|---|---|---|---|")
+        out.append(f"| llama.cpp alone (1) | {alone['tokens_per_s']} | | |")
+        single = next(x for x in decode["rows"] if x["streams"] == 1)["tokens_per_s"]
+        for row in decode["rows"]:
+            out.append(f"| {row['streams']} | {row['tokens_per_s']} | {row['tokens_per_s'] / single:.2f}× "
+                       f"| {ms(row['first_token_ms_p50'])} |")
+        out.append(f"\nSingle stream through the batcher: {decode['ratios']['single_over_llama_cpp_alone']:.2f}× llama.cpp "
+                   "alone.\n")
+    e2e = load("e2e")
+    if e2e:
+        r = e2e["rows"]
+        out.append(f"**End to end**, classify + retrieve + a {e2e['max_tokens']}-token draft, `python -m bench e2e` "
+                   f"({e2e['machine']['date']}):\n")
+        out.append("| pipeline | tickets/min | tickets |\n|---|---|---|")
+        for key in ("ours", "naive", "haystack"):
+            if key in r:
+                out.append(f"| {key} | {r[key]['tickets_per_min']} | {r[key]['n']} |")
+        out.append("\n" + ", ".join(f"{k.replace('_', ' ')}: {v}×" for k, v in e2e["ratios"].items()) + ".\n")
+    serving = load("serving")
+    if serving:
+        out.append(f"**Serving** through Redis and the real workers (nlu + gen, {serving['slots']} reply slots, "
+                   f"{serving['max_tokens']}-token replies), `python -m bench serving` ({serving['machine']['date']}):\n")
+        out.append("| concurrent chats | chats | failed | first token p50 | p95 |\n|---|---|---|---|---|")
+        for row in serving["rows"]:
+            out.append(f"| {row['concurrent_chats']} | {row['chats']} | {row['failed']} | {ms(row['first_token_ms_p50'])} "
+                       f"| {ms(row['first_token_ms_p95'])} |")
+        rss = serving["peak_rss_mb"]
+        out.append(f"\nPeak RSS: gen worker {rss['gen_worker']} MB (limit 1,536), nlu worker {rss['nlu_worker']} MB "
+                   "(limit 800).\n")
+    hardware = load("hardware")
+    if hardware:
+        e = hardware["encoder"]
+        out.append(f"**Against the hardware**, `python -m bench hardware` ({hardware['machine']['date']}; SIMD: "
+                   f"{', '.join(hardware['simd']) or 'unknown'}): a 2048² fp32 GEMM reaches {hardware['gemm_fp32_gflops']} "
+                   f"GFLOP/s and a 512 MiB copy {hardware['memory_bandwidth_gb_s']} GB/s. The encoder runs at {e['gflops']} "
+                   f"GFLOP/s ({pct(e['of_gemm_peak'])} of that GEMM peak; {e['sentences_per_s']} sentences/s, "
+                   f"{e['mean_tokens']} tokens each).")
+        if hardware["decode"]["rows"]:
+            out.append("\n| decode streams | weight bytes read per token | weight traffic | of memory bandwidth |"
+                       "\n|---|---|---|---|")
+            for row in hardware["decode"]["rows"]:
+                out.append(f"| {row['streams']} | {row['weight_bytes_per_token_mb']} MB | {row['weight_traffic_gb_s']} GB/s "
+                           f"| {pct(row['of_bandwidth'])} |")
+        out.append("")
+    peft = load("peft")
+    if peft:
+        rows = peft["rows"]
+        out.append(f"**Parameter-efficient tuning**, BANKING77, `python -m bench.peft` ({peft['machine']['date']}):\n")
+        keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
+        out.append("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for row in rows:
+            out.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+        out.append("")
+    return out
+
+
+def plots() -> str:
+    """PNG plots beside REPORT.md; returns the Markdown that shows them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown: list[str] = []
+
+    def figure(name: str, caption: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{name}.png", dpi=120)
+        shown.append(f"![{caption}]({name}.png)")
+
+    decode = load("decode")
+    if decode:
+        def draw_decode(ax) -> None:
+            streams = [r["streams"] for r in decode["rows"]]
+            ax.plot(streams, [r["tokens_per_s"] for r in decode["rows"]], "o-", label="Tandem continuous batching")
+            ax.axhline(decode["llama_cpp_alone"]["tokens_per_s"], color="grey", ls="--", label="llama.cpp alone, 1 stream")
+            ax.set(xscale="log", xlabel="concurrent streams", ylabel="aggregate tokens/s", title="Decode throughput")
+            ax.set_xticks(streams, [str(s) for s in streams])
+            ax.legend()
+
+        figure("decode_throughput", "decode throughput", draw_decode)
+    serving = load("serving")
+    if serving:
+        def draw_ttft(ax) -> None:
+            for row in serving["rows"]:
+                values = row["first_token_ms"]
+                ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
+                        label=f"{row['concurrent_chats']} concurrent chats")
+            ax.set(xlabel="time to first token (ms)", ylabel="fraction of chats", title="Time to first token (CDF)")
+            ax.legend()
+
+        figure("ttft_cdf", "time to first token CDF", draw_ttft)
+    nlu = load("nlu")
+    if nlu:
+        def draw_nlu(ax) -> None:
+            names = list(nlu["rows"])
+            ax.barh(names, [nlu["rows"][n]["tickets_per_s"] for n in names])
+            ax.set(xscale="log", xlabel="tickets/s (log)", title="NLU throughput (classify + retrieve)")
+
+        figure("nlu_throughput", "NLU throughput", draw_nlu)
+    plt.close("all")
+    return "\n".join(shown) + "\n"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ whose wording is close to the wrong article still finds the article for its inte
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -114,6 +115,7 @@ class HybridPipeline:
         self.guard = guard
         self.settings = settings
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._vectors_lock = threading.RLock()
         if index.encoder != encoder.identity:
             raise ModelLoadError(f"the knowledge index was built with encoder {index.encoder!r} but the pipeline "
                                  f"uses {encoder.identity!r}; rebuild it with `tandem index`")
@@ -166,13 +168,14 @@ class HybridPipeline:
     def _encode(self, messages: list[str]) -> np.ndarray:
         """Encode, remembering recent vectors: classify and retrieve may run as separate
         tasks on one worker, and the second must not pay for the encoder again."""
-        missing = list(dict.fromkeys(m for m in messages if m not in self._vectors))
-        if missing:
-            for message, vector in zip(missing, self.encoder.encode(missing)):
-                self._vectors[message] = vector
-            while len(self._vectors) > 4096:
-                self._vectors.popitem(last=False)
-        return np.stack([self._vectors[m] for m in messages]) if messages else np.zeros((0, self.encoder.dim))
+        with self._vectors_lock:  # worker threads share the cache
+            missing = list(dict.fromkeys(m for m in messages if m not in self._vectors))
+            if missing:
+                for message, vector in zip(missing, self.encoder.encode(missing)):
+                    self._vectors[message] = vector
+                while len(self._vectors) > 4096:
+                    self._vectors.popitem(last=False)
+            return np.stack([self._vectors[m] for m in messages]) if messages else np.zeros((0, self.encoder.dim))
 
     def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None) -> list[Passage]:
         k = self.settings.top_k

@@ -5,11 +5,13 @@ validation split: a linear head on the encoder's sentence vector, and a logistic
 regression on word and character n-grams. They err on different messages (the
 encoder generalises over wording, the n-grams catch exact product words), so the
 pair beats either alone (README, "Intent accuracy"). The encoder side trains one of
-three ways:
+five ways:
   head      - logistic regression on frozen vectors (fast; the encoder stays shared
               with retrieval unchanged)
   finetune  - the whole encoder and the head, cross-entropy with label smoothing
   lora      - low-rank adapters on the encoder's attention and dense layers (peft)
+  prefix    - learned key/value vectors prepended in every attention layer (peft)
+  prompt    - learned input embeddings prepended to every message (peft)
 
 Confidence is the fused softmax with a temperature fitted on the validation split. A
 message is out of scope (``oos``) when the winning class is ``oos`` (if the training
@@ -33,6 +35,8 @@ from pipeline.encoder import SentenceEncoder
 from pipeline.errors import InputError, ModelLoadError
 
 ARTIFACT_FORMAT = 1
+# Methods whose artifact is a peft adapter over the base encoder (saved in ``adapter/``).
+ADAPTER_METHODS = ("lora", "prefix", "prompt")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -48,7 +52,7 @@ class IntentPrediction:
 
 @dataclass
 class TrainConfig:
-    method: Literal["head", "finetune", "lora"] = "head"
+    method: Literal["head", "finetune", "lora", "prefix", "prompt"] = "head"
     lexical: bool = True  # fuse with the n-gram model
     val_split: float = 0.1
     seed: int = 0
@@ -62,7 +66,14 @@ class TrainConfig:
     head_lr: float = 5e-3
     label_smoothing: float = 0.1
     lora_r: int = 16
+    num_virtual_tokens: int = 8  # prefix and prompt tuning
+    # Prefix and prompt tuning train a few thousand fresh vectors with no pretrained
+    # values to stay near, so they take steps far larger than the encoder's weights can.
+    prompt_lr: float = 2e-2
     max_train: int | None = None  # cap on training rows, for quick runs
+    # head only: refit on every row once the validation split has calibrated. Off, every
+    # method's weights see the same rows (bench/peft.py compares them that way).
+    refit: bool = True
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -82,12 +93,14 @@ class LexicalModel:
         self.char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, vocabulary=char_vocab)
         self.char.idf_ = char_idf
         self.weight, self.bias = weight, bias
+        # Stored as float16; converted once here rather than copied on every call.
+        self._weight_t = np.ascontiguousarray(weight.T, dtype=np.float32)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         from scipy.sparse import hstack
 
         x = hstack([self.word.transform(texts), self.char.transform(texts)]).tocsr()
-        return np.asarray(x @ self.weight.T.astype(np.float32)) + self.bias
+        return np.asarray(x @ self._weight_t) + self.bias
 
     @classmethod
     def fit(cls, texts: list[str], y: np.ndarray, n_classes: int, c: float) -> LexicalModel:
@@ -154,7 +167,7 @@ class IntentClassifier:
         return predictions
 
     def attach_encoder(self, encoder: SentenceEncoder) -> None:
-        """Fine-tuned and LoRA artifacts carry their own encoder weights: load them into the encoder."""
+        """Fine-tuned and adapter artifacts carry their own encoder weights: load them into the encoder."""
         if self.method == "head" or self.path is None:
             return
         from transformers import AutoModel
@@ -162,7 +175,9 @@ class IntentClassifier:
             model = AutoModel.from_pretrained(self.path / "encoder")
         else:
             from peft import PeftModel
-            model = PeftModel.from_pretrained(encoder.model, self.path / "adapter").merge_and_unload()
+            model = PeftModel.from_pretrained(encoder.model, self.path / "adapter")
+            if self.method == "lora":  # LoRA folds into the weights; prefix and prompt vectors stay a wrapper
+                model = model.merge_and_unload()
         encoder.use_model(model, tag=f"{self.method}:{self.metrics.get('artifact_id', '')}")
 
     # ------------------------------------------------------------------ persistence
@@ -181,7 +196,7 @@ class IntentClassifier:
         if self.method == "finetune" and encoder is not None:
             encoder.model.save_pretrained(directory / "encoder")
             encoder.tokenizer.save_pretrained(directory / "encoder")
-        if self.method == "lora" and peft_model is not None:
+        if self.method in ADAPTER_METHODS and peft_model is not None:
             peft_model.save_pretrained(directory / "adapter")
         self.path = directory
 
@@ -252,7 +267,8 @@ class IntentClassifier:
                                                   classes, config)
             val_pred = model.predict(vectors[val_idx], val_texts)
             val_acc = round(float(np.mean([p.intent == classes[t] for p, t in zip(val_pred, y[val_idx])])), 4)
-        if config.method == "head" and len(val_idx):
+        refit = config.method == "head" and config.refit and bool(len(val_idx))
+        if refit:
             progress("refit", 0, 1)
             model.weight, model.bias = _fit_logistic(vectors, y, len(classes), config.c)
             if lexical is not None:
@@ -260,7 +276,7 @@ class IntentClassifier:
         model.metrics = {"method": config.method, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                          "val_accuracy": val_acc, "lexical_weight": model.lexical_weight,
                          "temperature": model.temperature, "oos_threshold": model.oos_threshold,
-                         "refit_on_all_rows": config.method == "head" and bool(len(val_idx)),
+                         "refit_on_all_rows": refit,
                          "train_seconds": round(time.perf_counter() - started, 1),
                          "config": asdict(config), "artifact_id": f"{int(time.time())}-{config.seed}"}
         if out is not None:
@@ -340,16 +356,14 @@ def _tune_threshold(probs: np.ndarray, y: np.ndarray, classes: list[str], config
 
 def _train_encoder(encoder: SentenceEncoder, texts: list[str], y: np.ndarray, n_classes: int,
                    config: TrainConfig, progress: Progress):
-    """Fine-tune the encoder (or LoRA adapters on it) together with a linear head."""
+    """Fine-tune the encoder (or peft adapters on it) together with a linear head."""
     torch.manual_seed(config.seed)
     model = encoder.model
     peft_model = None
-    if config.method == "lora":
-        from peft import LoraConfig, get_peft_model
-        peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.1,
-                                                      target_modules=["query", "key", "value", "dense"]))
+    if config.method in ADAPTER_METHODS:
+        peft_model = _peft_model(model, config)
         model = peft_model
-        lr = config.lr * 10
+        lr = config.lr * 10 if config.method == "lora" else config.prompt_lr
     else:
         lr = config.lr
     head = torch.nn.Linear(model.config.hidden_size, n_classes).to(encoder.device)
@@ -381,6 +395,30 @@ def _train_encoder(encoder: SentenceEncoder, texts: list[str], y: np.ndarray, n_
     model.eval()
     return (scale * head.weight.detach().cpu().numpy().astype(np.float32),
             scale * head.bias.detach().cpu().numpy().astype(np.float32), peft_model)
+
+
+def _peft_model(model: torch.nn.Module, config: TrainConfig):
+    """Wrap the encoder in a peft model whose only trainable weights are the method's adapter."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    if config.method == "lora":
+        return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.1,
+                                                target_modules=["query", "key", "value", "dense"]))
+    # FEATURE_EXTRACTION keeps the bare encoder's output (last_hidden_state) that pooling reads.
+    if config.method == "prefix":
+        return get_peft_model(model, PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+                                                        num_virtual_tokens=config.num_virtual_tokens))
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+                                                          num_virtual_tokens=config.num_virtual_tokens))
+    # peft's random init is N(0, 1), far off the scale of real word embeddings; start the
+    # virtual tokens as copies of common words' embeddings instead (Lester et al. 2021).
+    # BERT's WordPiece vocabulary lists whole words roughly by frequency from "the" (1996).
+    words = model.get_input_embeddings().weight
+    rows = torch.randint(1996, min(7000, words.shape[0]), (config.num_virtual_tokens,),
+                         generator=torch.Generator().manual_seed(config.seed))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(words[rows])
+    return peft_model
 
 
 def _expected_calibration_error(top: list[dict], labels: list[str], bins: int = 10) -> float:

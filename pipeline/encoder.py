@@ -10,6 +10,7 @@ goes on padding.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ class SentenceEncoder:
         self._model = None
         self.pooling = "mean"
         self.tag = ""  # set when fine-tuned weights replace the base model's
+        # A gen worker drafts replies on many threads; a fast tokenizer refuses concurrent use
+        # ("Already borrowed"), and two forward passes at once only fight over the cores.
+        self._lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -82,6 +86,9 @@ class SentenceEncoder:
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised sentence vectors for a tokenised batch (with gradients when training)."""
         hidden = self.model(**batch).last_hidden_state
+        # A prompt-tuned model prepends its virtual tokens to the output sequence: pool over the
+        # message's own tokens (the last ones), which line up with the attention mask.
+        hidden = hidden[:, hidden.shape[1] - batch["attention_mask"].shape[1]:]
         return torch.nn.functional.normalize(self.pool(hidden, batch["attention_mask"]).float(), dim=-1)
 
     @torch.inference_mode()
@@ -92,8 +99,9 @@ class SentenceEncoder:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         vectors: list[np.ndarray] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenize([texts[i] for i in order[start:start + self.batch_size]])
-            vectors.append(self.forward(batch).cpu().numpy())
+            with self._lock:
+                batch = self.tokenize([texts[i] for i in order[start:start + self.batch_size]])
+                vectors.append(self.forward(batch).cpu().numpy())
             if progress:
                 progress(min(start + self.batch_size, len(texts)))
         return np.concatenate(vectors)[np.argsort(order)]

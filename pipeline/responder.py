@@ -22,6 +22,7 @@ from typing import Protocol
 
 from pipeline.errors import ModelLoadError, ResponderError
 from pipeline.knowledge import Passage
+from pipeline.llama_cpp_backend import LlamaCppBackend
 
 SYSTEM_PROMPT = "You are a helpful customer-support assistant for a bank. Answer briefly and only with facts from the help article."
 
@@ -60,44 +61,6 @@ class GenerationBackend(Protocol):
     def warm_up(self) -> None: ...
 
     def stream(self, messages: list[dict], limits: GenerationLimits) -> Iterator[str]: ...
-
-
-class LlamaCppBackend:
-    name = "llama_cpp"
-
-    def __init__(self, model_path: str, threads: int | None = None, n_ctx: int = 2048):
-        self.model_path = model_path
-        self.threads = threads
-        self.n_ctx = n_ctx
-        self._llm = None
-        self._lock = threading.Lock()  # a llama.cpp context decodes one sequence at a time
-
-    def warm_up(self) -> None:
-        if self._llm is not None:
-            return
-        if not os.path.isfile(self.model_path):
-            raise ModelLoadError(f"no GGUF file at {self.model_path!r} (set TANDEM_RESPONDER_MODEL)")
-        from llama_cpp import Llama
-        try:
-            self._llm = Llama(model_path=self.model_path, n_ctx=self.n_ctx, n_threads=self.threads or os.cpu_count(),
-                              verbose=False)
-        except ValueError as exc:
-            raise ModelLoadError(f"cannot load GGUF {self.model_path!r}: {exc}") from None
-        self._llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], max_tokens=1)  # first-call setup
-
-    def stream(self, messages: list[dict], limits: GenerationLimits) -> Iterator[str]:
-        self.warm_up()
-        deadline = time.monotonic() + limits.timeout_s
-        with self._lock:
-            chunks = self._llm.create_chat_completion(messages=messages, stream=True, max_tokens=limits.max_tokens,
-                                                      temperature=limits.temperature, stop=limits.stop or None,
-                                                      repeat_penalty=limits.repeat_penalty)
-            for chunk in chunks:
-                text = chunk["choices"][0]["delta"].get("content")
-                if text:
-                    yield text
-                if time.monotonic() > deadline:
-                    raise ResponderError(f"generation timed out after {limits.timeout_s:.0f} s")
 
 
 class TransformersBackend:
@@ -218,7 +181,8 @@ class OpenAICompatibleBackend:
 
 def make_backend(settings) -> GenerationBackend:
     if settings.responder_backend == "llama_cpp":
-        return LlamaCppBackend(settings.responder_model, threads=settings.responder_threads)
+        return LlamaCppBackend(settings.responder_model, threads=settings.responder_threads, slots=settings.responder_slots,
+                               ctx_per_slot=settings.responder_ctx_per_slot)
     if settings.responder_backend == "transformers":
         return TransformersBackend(settings.responder_model, device=settings.responder_device,
                                    gguf_file=settings.responder_gguf_file)

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     encoder_device: str = "cpu"
     encoder_batch_size: int = 64
     encoder_max_length: int = 128
+    encoder_threads: int | None = None  # torch threads in a worker; default: every core
     intent_model: Path | None = None  # default: the shipped BANKING77 model
     oos_label: str = "oos"
     # Intents a person must handle (possible fraud): the customer gets a holding reply, no generated one.
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     responder_gguf_file: str | None = None  # transformers backend: a GGUF file inside the model folder
     responder_device: str = "cpu"
     responder_threads: int | None = None
+    # llama_cpp: replies decoded together by continuous batching, and each one's context (prompt + reply)
+    responder_slots: int = Field(default=16, ge=1, le=64)
+    responder_ctx_per_slot: int = Field(default=1024, ge=256)
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: str = "none"
     max_tokens: int = 120

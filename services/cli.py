@@ -271,8 +271,11 @@ def worker(
     celery = configure()
     import workers.tasks  # noqa: F401  (registers the tasks and the model-loading signal)
 
-    # solo pool: one process holds the models; torch and llama.cpp use the cores themselves.
-    celery.worker_main(["worker", "-Q", ",".join(chosen), "--pool", "solo", "--loglevel", loglevel,
+    # One process holds the models. NLU alone: the solo pool, as torch uses the cores itself.
+    # With gen: a thread per reply slot, so concurrent replies reach the responder together
+    # and its continuous batching decodes them in one batch.
+    pool = ["--pool", "threads", "--concurrency", str(_settings().responder_slots)] if "gen" in chosen else ["--pool", "solo"]
+    celery.worker_main(["worker", "-Q", ",".join(chosen), *pool, "--loglevel", loglevel,
                         "-n", f"{name or '-'.join(chosen)}@%h", "--without-gossip", "--without-mingle"])
 
 
@@ -328,8 +331,13 @@ def up() -> None:
         server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
         env["TANDEM_REDIS_URL"] = server.start()
         err.print(f"embedded Redis on {server.url} (data in {server.directory})")
-    commands = [["worker", "--queues", "nlu"], ["worker", "--queues", "gen"], ["api"]]
-    children = [subprocess.Popen([sys.executable, "-m", "services.cli", *command], env=env) for command in commands]
+    # Both workers share this machine's cores. llama.cpp's threads spin at barriers, so a
+    # decode thread that loses its core to the encoder stalls every step (measured: a
+    # 24-token reply went from 2 s to over 60 s with 2 threads beside two busy processes).
+    # Leave the encoder a core unless the operator chose.
+    gen_env = {**env, "TANDEM_RESPONDER_THREADS": env.get("TANDEM_RESPONDER_THREADS") or str(max(1, (os.cpu_count() or 2) - 1))}
+    commands = [(["worker", "--queues", "nlu"], env), (["worker", "--queues", "gen"], gen_env), (["api"], env)]
+    children = [subprocess.Popen([sys.executable, "-m", "services.cli", *command], env=e) for command, e in commands]
     err.print(f"workers and API started (pids {', '.join(str(c.pid) for c in children)}); "
               f"chat page on http://{settings.api_host}:{settings.api_port}/ ; Ctrl-C to stop")
     stopping = False

@@ -115,7 +115,9 @@ def redis_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def worker_settings(redis_server, session_dir, monkeypatch_session) -> Settings:
     env = {"TANDEM_REDIS_URL": redis_server.url, "TANDEM_DATA_DIR": str(session_dir / "data"),
-           "TANDEM_VISIBILITY_TIMEOUT_S": "5", "TANDEM_BATCH_CHUNK_SIZE": "25"}
+           "TANDEM_VISIBILITY_TIMEOUT_S": "5", "TANDEM_BATCH_CHUNK_SIZE": "25",
+           # the nlu and gen workers share the 2 cores here: one decode thread (see `tandem up`)
+           "TANDEM_RESPONDER_THREADS": "1", "TANDEM_RESPONDER_SLOTS": "4"}
     for key, value in env.items():
         monkeypatch_session.setenv(key, value)
     from workers.app import configure

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from celery.signals import worker_init
@@ -43,6 +44,10 @@ def get_pipeline(with_responder: bool = True) -> HybridPipeline:
 def load_models(**_) -> None:
     queues = os.environ.get("TANDEM_WORKER_QUEUES", "nlu,gen").split(",")
     log.info("loading models for queues %s", queues)
+    if _settings().encoder_threads:
+        import torch
+
+        torch.set_num_threads(_settings().encoder_threads)
     pipeline = get_pipeline(with_responder="gen" in queues)
     threading.Thread(target=_heartbeat, args=(queues, pipeline.index.version), daemon=True).start()
 
@@ -193,15 +198,20 @@ def understand_batch(tickets: list[dict], progress_key: str | None = None) -> li
 def draft_batch(rows: list[dict], progress_key: str | None = None) -> list[dict]:
     """Draft a reply for each understood ticket of a chunk."""
     pipeline = get_pipeline()
-    for row in rows:
+
+    def draft(row: dict) -> None:
         understanding = row.pop("understanding", None)
         if understanding is None:
-            continue
+            return
         try:
             result = pipeline.run_understood(Understanding.from_dict(understanding))
             row.update(reply=result.reply, grounded=result.grounded)
         except TandemError as exc:
             row["error"] = str(exc)
+
+    # All of a chunk's drafts at once: the responder batches their decoding.
+    with ThreadPoolExecutor(max_workers=_settings().responder_slots) as pool:
+        list(pool.map(draft, rows))
     _progress(progress_key, len(rows))
     return rows
 

@@ -98,7 +98,7 @@ def test_oos_class_in_training_data_is_learned_and_reported(encoder, banking_sub
     assert report["in_scope_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("method", ["finetune", "lora"])
+@pytest.mark.parametrize("method", ["finetune", "lora", "prefix", "prompt"])
 def test_encoder_training_methods_produce_loadable_artifacts(settings, banking_subset, tmp_path, method):
     from pipeline.encoder import SentenceEncoder
 
@@ -107,6 +107,9 @@ def test_encoder_training_methods_produce_loadable_artifacts(settings, banking_s
     config = TrainConfig(method=method, epochs=1, max_train=96, batch_size=16, lexical=False)
     model = IntentClassifier.train(trainer, texts, labels, config, out=tmp_path / method)
     assert model.metrics["method"] == method
+    if method != "finetune":
+        saved = {f.name for f in (tmp_path / method / "adapter").iterdir()}
+        assert "adapter_model.safetensors" in saved and not any(f.endswith((".bin", ".pt", ".pkl")) for f in saved)
 
     serving = SentenceEncoder(settings.encoder)
     base_identity = serving.identity
@@ -115,6 +118,27 @@ def test_encoder_training_methods_produce_loadable_artifacts(settings, banking_s
     assert serving.identity != base_identity, "a tuned encoder must not search an index built by the base one"
     probe = ["I still haven't got my new card"]
     np.testing.assert_allclose(serving.encode(probe), trainer.encode(probe), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_tokens_train_only_the_adapter_and_pool_only_the_message(settings, banking_subset, method):
+    from pipeline.encoder import SentenceEncoder
+
+    classes, (texts, labels) = banking_subset
+    trainer = SentenceEncoder(settings.encoder)
+    config = TrainConfig(method=method, epochs=1, max_train=64, batch_size=16, lexical=False, val_split=0.25)
+    model = IntentClassifier.train(trainer, texts, labels, config)
+    tuned = trainer.model
+    trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    assert 0 < trainable < 50_000, "only the virtual tokens (prompt) or per-layer prefixes train"
+    # Padding next to a longer message must not move a vector: the virtual tokens' mask
+    # and the pooling window line up with the real tokens.
+    alone = trainer.encode(["hi"])
+    batched = trainer.forward(trainer.tokenize(["hi", "my card still has not arrived and it has been two weeks"]))
+    np.testing.assert_allclose(alone[0], batched[0].detach().numpy(), atol=1e-4)
+    base = SentenceEncoder(settings.encoder).encode(["hi"])
+    assert not np.allclose(alone, base, atol=1e-3), "the virtual tokens must change the vector"
+    assert model.metrics["val_accuracy"] is not None
 
 
 def test_missing_and_corrupt_artifacts(tmp_path, settings):

@@ -45,7 +45,7 @@ def test_stop_position():
 
 @pytest.fixture(scope="module")
 def llama(settings):
-    backend = LlamaCppBackend(settings.responder_model, threads=2)
+    backend = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512)
     backend.warm_up()
     return backend
 
@@ -71,7 +71,7 @@ def openai_server(settings):
     """llama.cpp's own OpenAI-compatible server on the bundled model: a real server, a private port."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", settings.responder_model,
-                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
+                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     try:

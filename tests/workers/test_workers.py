@@ -47,6 +47,37 @@ def test_a_repeated_message_is_served_from_the_cache(workers, redis_client):
     assert bypass[-1][2]["cached"] is False
 
 
+def test_one_gen_worker_streams_concurrent_replies_together(workers, redis_client):
+    """Continuous batching through the real worker: a second reply starts streaming while the
+    first is still streaming (a one-at-a-time worker would hold it until the first is done),
+    and each stream carries only its own reply."""
+    messages = ["How long does card delivery take?", "What is the fee for an international transfer?",
+                "How do I freeze my card?"]
+    ids = [submit_message(m, use_cache=False) for m in messages]
+    events = {i: [] for i in ids}
+
+    def read(reply_id: str) -> None:
+        for event_id, kind, data in stream_reply(redis_client, reply_id, timeout_s=120):
+            events[reply_id].append((int(event_id.split("-")[0]), kind, data))
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in ids]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(180)
+    spans = []
+    for reply_id in ids:
+        kinds = [k for _, k, _ in events[reply_id]]
+        assert kinds[0] == "meta" and kinds[-1] == "done" and "token" in kinds
+        tokens = [ms for ms, k, _ in events[reply_id] if k == "token"]
+        spans.append((tokens[0], tokens[-1]))
+        done = events[reply_id][-1][2]
+        if done["grounded"]:
+            assert "".join(d["text"] for _, k, d in events[reply_id] if k == "token").strip() == done["reply"]
+    first_ends = min(end for _, end in spans)
+    assert sum(start < first_ends for start, _ in spans) >= 2, f"replies streamed one after another: {spans}"
+
+
 def test_reconnecting_consumer_gets_every_token_exactly_once(workers, redis_client):
     reply_id = submit_message("What are the fees for topping up by card?", use_cache=False)
     seen = []

@@ -1,0 +1,393 @@
+"""Issue 5's measurements: our pipeline against its peers, in one run on one machine.
+
+  nlu       classify + retrieve tickets/s: ours (batched, fp32 and int8) against the naive
+            per-ticket loop and Haystack 2, with accuracy on the same tickets
+  decode    aggregate decode tokens/s at 1..16 concurrent streams through our continuous
+            batching, against llama.cpp (llama-cpp-python) alone, same prompts and model
+  e2e       tickets/min with 64-token drafts: ours against the naive loop and Haystack
+  serving   time to first token at 1, 8 and 32 concurrent chats through the real workers
+            and Redis, and each worker's peak RSS
+  hardware  encoder FLOP/s against a measured GEMM peak; decode bytes/token against a
+            measured memory bandwidth
+
+Each writes bench/results/<name>.json; ``python -m bench report`` turns them into
+bench/results/REPORT.md with plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.__main__ import RESULTS, machine, save
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _test_split(n: int | None = None) -> tuple[list[str], list[str]]:
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.settings import PACKAGE_DATA
+
+    texts, labels = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
+    if n is None or n >= len(texts):
+        return texts, labels
+    step = len(texts) / n  # spread over every intent, not the first few
+    picks = [int(i * step) for i in range(n)]
+    return [texts[i] for i in picks], [labels[i] for i in picks]
+
+
+def _pipeline(load_responder: bool = True, **overrides):
+    from pipeline.chain import HybridPipeline
+    from pipeline.settings import Settings
+
+    return HybridPipeline.from_settings(Settings(**overrides), load_responder=load_responder)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+# ---------------------------------------------------------------------------------- NLU
+
+def _ours_nlu(pipeline, texts: list[str], labels: list[str], chunk: int = 64) -> dict:
+    pipeline.understand(["warm up the encoder", *texts[:8]])
+    pipeline._vectors.clear()  # the recent-vector cache must not serve the timed run
+    started = time.perf_counter()
+    results = []
+    for i in range(0, len(texts), chunk):
+        results.extend(pipeline.understand(texts[i:i + chunk]))
+    seconds = time.perf_counter() - started
+    pipeline._vectors.clear()
+    accuracy = sum(u.intent == y for u, y in zip(results, labels)) / len(labels)
+    return {"tickets_per_s": round(len(texts) / seconds, 1), "accuracy": round(accuracy, 4), "n": len(texts)}
+
+
+def bench_nlu(args) -> None:
+    import torch
+
+    from bench import peers
+
+    texts, labels = _test_split(args.tickets)
+    pipeline = _pipeline(load_responder=False)
+    rows = {"ours_fp32": _ours_nlu(pipeline, texts, labels)}
+    print(rows, flush=True)
+    # int8: dynamic quantization of every Linear layer, judged on the full test split below.
+    pipeline.encoder.use_model(torch.ao.quantization.quantize_dynamic(pipeline.encoder.model, {torch.nn.Linear},
+                                                                      dtype=torch.qint8), tag="int8")
+    rows["ours_int8"] = _ours_nlu(pipeline, texts, labels)
+    print(rows, flush=True)
+    del pipeline
+    small_texts, small_labels = _test_split(args.peer_tickets)
+    rows["naive"] = peers.naive_nlu(small_texts, small_labels)
+    print(rows, flush=True)
+    rows["haystack"] = peers.haystack_nlu(small_texts, small_labels)
+    print(rows, flush=True)
+    accuracy = {}
+    if args.full_accuracy:  # the 0.3-point rule for int8 is judged on all 3,080 test messages
+        all_texts, all_labels = _test_split()
+        for name, int8 in (("fp32", False), ("int8", True)):
+            pipeline = _pipeline(load_responder=False)
+            if int8:
+                pipeline.encoder.use_model(torch.ao.quantization.quantize_dynamic(
+                    pipeline.encoder.model, {torch.nn.Linear}, dtype=torch.qint8), tag="int8")
+            accuracy[name] = _ours_nlu(pipeline, all_texts, all_labels)["accuracy"]
+    ours = rows["ours_fp32"]["tickets_per_s"]
+    save("nlu", {"what": "classify + retrieve per ticket; ours batches 64 tickets per encoder pass",
+                 "torch_threads": torch.get_num_threads(), "rows": rows, "full_test_accuracy": accuracy,
+                 "ratios": {"ours_over_naive": round(ours / rows["naive"]["tickets_per_s"], 2),
+                            "ours_over_haystack": round(ours / rows["haystack"]["tickets_per_s"], 2),
+                            "int8_over_fp32": round(rows["ours_int8"]["tickets_per_s"] / ours, 2)}})
+
+
+# ------------------------------------------------------------------------------- decode
+
+def _grounded_prompts(n: int) -> list[list[dict]]:
+    """Real prompts: grounding-set questions with the passages our pipeline retrieves."""
+    from pipeline.evaluation import load_questions
+    from pipeline.responder import build_messages
+    from pipeline.settings import PACKAGE_DATA
+
+    questions = [q["question"] for q in load_questions(PACKAGE_DATA / "eval" / "grounding.jsonl")][:n]
+    pipeline = _pipeline(load_responder=False)
+    return [build_messages(q, u.intent, u.passages) for q, u in zip(questions, pipeline.understand(questions))]
+
+
+def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
+    from pipeline.responder import GenerationLimits
+
+    limits = GenerationLimits(max_tokens=max_tokens, timeout_s=600)
+    pending = list(prompts)
+    lock = threading.Lock()
+    first_token: list[float] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                prompt = pending.pop()
+            t0 = time.perf_counter()
+            for i, _ in enumerate(engine.stream(prompt, limits)):
+                if i == 0:
+                    first_token.append((time.perf_counter() - t0) * 1000)
+
+    before = engine.tokens_generated
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    tokens = engine.tokens_generated - before
+    return {"streams": concurrency, "replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1)}
+
+
+def bench_decode(args) -> None:
+    from llama_cpp import Llama
+
+    from pipeline.llama_cpp_backend import LlamaCppBackend
+    from pipeline.settings import Settings
+
+    settings = Settings()
+    threads = args.threads or os.cpu_count()
+    prompts = _grounded_prompts(max(args.levels) * args.rounds)
+
+    # llama.cpp alone: its own high-level API, one reply after another, same sampling.
+    llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, verbose=False)
+    llm.create_chat_completion(messages=prompts[0], max_tokens=4)
+    alone_tokens, started = 0, time.perf_counter()
+    for prompt in prompts[: args.alone_replies]:
+        out = llm.create_chat_completion(messages=prompt, max_tokens=args.max_tokens, temperature=0.0, repeat_penalty=1.15)
+        alone_tokens += out["usage"]["completion_tokens"]
+    alone = {"replies": args.alone_replies, "tokens": alone_tokens, "seconds": round(time.perf_counter() - started, 2)}
+    alone["tokens_per_s"] = round(alone_tokens / alone["seconds"], 1)
+    del llm
+    print("llama.cpp alone", alone, flush=True)
+
+    engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
+                             ctx_per_slot=settings.responder_ctx_per_slot)
+    engine.warm_up()
+    rows = []
+    for level in args.levels:
+        replies = prompts[: max(level * args.rounds, args.alone_replies)]
+        rows.append(_engine_run(engine, replies, level, args.max_tokens))
+        print(rows[-1], flush=True)
+    single = next(r for r in rows if r["streams"] == 1)["tokens_per_s"]
+    save("decode", {"model": Path(settings.responder_model).name, "threads": threads, "max_tokens": args.max_tokens,
+                    "llama_cpp_alone": alone, "rows": rows,
+                    "ratios": {"single_over_llama_cpp_alone": round(single / alone["tokens_per_s"], 3),
+                               **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
+                                  for r in rows}}})
+
+
+# ---------------------------------------------------------------------------------- e2e
+
+def bench_e2e(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench import peers
+    from pipeline.chain import Understanding
+
+    texts, _ = _test_split(args.tickets)
+    pipeline = _pipeline(max_tokens=args.max_tokens)
+    pipeline.run("warm up")
+    started = time.perf_counter()
+    understood = []
+    for i in range(0, len(texts), 64):
+        understood.extend(pipeline.understand(texts[i:i + 64]))
+
+    def draft(u: Understanding) -> str:
+        return pipeline.run_understood(u).reply
+
+    with ThreadPoolExecutor(max_workers=pipeline.settings.responder_slots) as pool:
+        replies = list(pool.map(draft, understood))
+    ours = {"tickets_per_min": round(len(texts) / (time.perf_counter() - started) * 60, 1), "n": len(texts),
+            "drafted": sum(bool(r) for r in replies)}
+    print("ours", ours, flush=True)
+    small, _ = _test_split(args.peer_tickets)
+    rows = {"ours": ours, "naive": peers.naive_e2e(small, max_tokens=args.max_tokens)}
+    print(rows, flush=True)
+    rows["haystack"] = peers.haystack_e2e(small, max_tokens=args.max_tokens)
+    print(rows, flush=True)
+    save("e2e", {"max_tokens": args.max_tokens, "rows": rows,
+                 "ratios": {f"ours_over_{k}": round(ours["tickets_per_min"] / v["tickets_per_min"], 2)
+                            for k, v in rows.items() if k != "ours"}})
+
+
+# ------------------------------------------------------------------------------ serving
+
+class _PeakRss(threading.Thread):
+    """Polls processes' resident memory; keeps each one's peak."""
+
+    def __init__(self, processes: dict[str, int]):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.processes = {name: psutil.Process(pid) for name, pid in processes.items()}
+        self.peak_mb = dict.fromkeys(processes, 0.0)
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            for name, process in self.processes.items():
+                with contextlib.suppress(Exception):  # exited: keep what we saw
+                    self.peak_mb[name] = max(self.peak_mb[name], process.memory_info().rss / 2**20)
+            time.sleep(0.2)
+
+
+def bench_serving(args) -> None:
+    """TTFT at several concurrencies through Redis and real workers, and peak RSS per worker."""
+    import socket
+
+    from pipeline.settings import Settings
+    from workers.redis_server import EmbeddedRedis
+
+    texts, _ = _test_split(max(args.levels) * args.rounds * 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = Path(tempfile.mkdtemp(prefix="tandem-serving-"))
+    server = EmbeddedRedis(workdir / "redis", port)
+    os.environ.update(TANDEM_REDIS_URL=server.start(), TANDEM_DATA_DIR=str(workdir / "data"),
+                      TANDEM_MAX_TOKENS=str(args.max_tokens))
+    # The index is built once, as `tandem up` or `tandem index` leaves it, not by each worker at start.
+    from pipeline.chain import load_or_build_index
+    from pipeline.encoder import SentenceEncoder
+
+    load_or_build_index(Settings(), SentenceEncoder(Settings().encoder))
+    # As `tandem up` runs them on one machine: the gen worker leaves the encoder a core.
+    gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1))}
+    workers = {q: subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", q],
+                                   env=gen_env if q == "gen" else dict(os.environ), cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for q in ("nlu", "gen")}
+    rss = _PeakRss({f"{q}_worker": p.pid for q, p in workers.items()})
+    rss.start()
+    rows = []
+    try:
+        from workers.app import app, configure
+        from workers.client import submit_message
+        from workers.streams import connect, stream_reply
+
+        configure(Settings())
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            queues = app.control.inspect(timeout=1).active_queues() or {}
+            if {q["name"] for qs in queues.values() for q in qs} >= {"nlu", "gen"}:
+                break
+        client = connect(Settings().resolved_redis_url)
+        used = iter(range(10**6))
+
+        def chat(text: str, out: list[float]) -> None:
+            t0 = time.perf_counter()
+            reply_id = submit_message(f"{text} ({next(used)})", use_cache=False)
+            first = None
+            for _, kind, _ in stream_reply(client, reply_id):
+                if kind == "token" and first is None:
+                    first = (time.perf_counter() - t0) * 1000
+            out.append(first if first is not None else float("nan"))
+
+        chat("warm up", [])
+        for level in args.levels:
+            ttft: list[float] = []
+            batch = texts[: level * args.rounds]
+            started = time.perf_counter()
+            for start in range(0, len(batch), level):  # `level` chats open at once, `rounds` times
+                threads = [threading.Thread(target=chat, args=(t, ttft)) for t in batch[start:start + level]]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            ok = [v for v in ttft if v == v]
+            rows.append({"concurrent_chats": level, "chats": len(ttft), "failed": len(ttft) - len(ok),
+                         "first_token_ms_p50": _percentile(ok, 0.5), "first_token_ms_p95": _percentile(ok, 0.95),
+                         "seconds": round(time.perf_counter() - started, 1), "first_token_ms": sorted(round(v) for v in ok)})
+            print({k: v for k, v in rows[-1].items() if k != "first_token_ms"}, flush=True)
+    finally:
+        rss.running = False
+        for process in workers.values():
+            process.terminate()
+        for process in workers.values():
+            process.wait(30)
+        server.stop()
+    save("serving", {"max_tokens": args.max_tokens, "slots": Settings().responder_slots,
+                     "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
+                     "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})
+
+
+# ----------------------------------------------------------------------------- hardware
+
+def bench_hardware(args) -> None:
+    import numpy as np
+    import torch
+
+    from pipeline.encoder import SentenceEncoder
+    from pipeline.settings import Settings
+
+    flags = set()
+    if Path("/proc/cpuinfo").is_file():
+        line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    # Practical peak: a large fp32 GEMM through the same torch build the encoder uses.
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    started, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    gemm_flops = 2 * 2048**3 * reps / (time.perf_counter() - started)
+    # Memory bandwidth: copy a 512 MiB array (read + write).
+    src = np.ones(2**27, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    started = time.perf_counter()
+    for _ in range(5):
+        np.copyto(dst, src)
+    bandwidth = 2 * src.nbytes * 5 / (time.perf_counter() - started)
+
+    encoder = SentenceEncoder(Settings().encoder)
+    texts, _ = _test_split(1024)
+    encoder.encode(texts[:64])
+    tokens = sum(int(encoder.tokenize([t])["attention_mask"].sum()) for t in texts)
+    started = time.perf_counter()
+    encoder.encode(texts)
+    seconds = time.perf_counter() - started
+    config = encoder.model.config
+    h, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    mean_len = tokens / len(texts)
+    # Per token: the dense layers (2 FLOPs per weight) plus attention scores and mixing.
+    flops_per_token = layers * (2 * (4 * h * h + 2 * h * ff) + 4 * mean_len * h)
+    encoder_flops = flops_per_token * tokens / seconds
+
+    decode = json.loads((RESULTS / "decode.json").read_text()) if (RESULTS / "decode.json").is_file() else None
+    model_bytes = Path(Settings().responder_model).stat().st_size
+    decode_rows = []
+    if decode:
+        for row in decode["rows"]:
+            # Each step reads every weight once for all the streams in it.
+            per_token = model_bytes / row["streams"]
+            decode_rows.append({"streams": row["streams"], "tokens_per_s": row["tokens_per_s"],
+                                "weight_bytes_per_token_mb": round(per_token / 2**20, 1),
+                                "weight_traffic_gb_s": round(per_token * row["tokens_per_s"] / 1e9, 2),
+                                "of_bandwidth": round(per_token * row["tokens_per_s"] / bandwidth, 3)})
+    save("hardware", {
+        "simd": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f),
+        "torch_threads": torch.get_num_threads(),
+        "gemm_fp32_gflops": round(gemm_flops / 1e9, 1), "memory_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "encoder": {"sentences_per_s": round(len(texts) / seconds, 1), "tokens_per_s": round(tokens / seconds),
+                    "gflops": round(encoder_flops / 1e9, 1), "of_gemm_peak": round(encoder_flops / gemm_flops, 3),
+                    "mean_tokens": round(mean_len, 1)},
+        "decode": {"model_bytes_mb": round(model_bytes / 2**20, 1), "rows": decode_rows},
+        "machine_note": machine()["cpu"],
+    })
