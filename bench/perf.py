@@ -112,15 +112,20 @@ def bench_nlu(args) -> None:
 
 # ------------------------------------------------------------------------------- decode
 
-def _grounded_prompts(n: int) -> list[list[dict]]:
-    """Real prompts: grounding-set questions with the passages our pipeline retrieves."""
+def _prompts(n: int) -> dict[str, list[list[dict]]]:
+    """Two workloads from the grounding-set questions. ``short``: the question alone, so the
+    time goes on decoding, which batching speeds up. ``grounded``: the pipeline's real prompt
+    with the retrieved article (about 240 tokens), where prefilling the prompt dominates."""
     from pipeline.evaluation import load_questions
-    from pipeline.responder import build_messages
+    from pipeline.responder import SYSTEM_PROMPT, build_messages
     from pipeline.settings import PACKAGE_DATA
 
-    questions = [q["question"] for q in load_questions(PACKAGE_DATA / "eval" / "grounding.jsonl")][:n]
+    questions = [q["question"] for q in load_questions(PACKAGE_DATA / "eval" / "grounding.jsonl")]
+    questions = (questions * (n // len(questions) + 1))[:n]
     pipeline = _pipeline(load_responder=False)
-    return [build_messages(q, u.intent, u.passages) for q, u in zip(questions, pipeline.understand(questions))]
+    grounded = [build_messages(q, u.intent, u.passages) for q, u in zip(questions, pipeline.understand(questions))]
+    short = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}] for q in questions]
+    return {"short": short, "grounded": grounded}
 
 
 def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
@@ -155,6 +160,17 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
             "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1)}
 
 
+def _llama_cpp_alone(llm, prompts: list[list[dict]], max_tokens: int) -> dict:
+    """llama.cpp on its own, through its high-level API: one reply after another, same sampling."""
+    llm.create_chat_completion(messages=prompts[-1], max_tokens=4)
+    tokens, started = 0, time.perf_counter()
+    for prompt in prompts:
+        out = llm.create_chat_completion(messages=prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.15)
+        tokens += out["usage"]["completion_tokens"]
+    seconds = time.perf_counter() - started
+    return {"replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
 def bench_decode(args) -> None:
     from llama_cpp import Llama
 
@@ -163,34 +179,28 @@ def bench_decode(args) -> None:
 
     settings = Settings()
     threads = args.threads or os.cpu_count()
-    prompts = _grounded_prompts(max(args.levels) * args.rounds)
-
-    # llama.cpp alone: its own high-level API, one reply after another, same sampling.
+    workloads = _prompts(max(args.levels) * args.rounds)
     llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, verbose=False)
-    llm.create_chat_completion(messages=prompts[0], max_tokens=4)
-    alone_tokens, started = 0, time.perf_counter()
-    for prompt in prompts[: args.alone_replies]:
-        out = llm.create_chat_completion(messages=prompt, max_tokens=args.max_tokens, temperature=0.0, repeat_penalty=1.15)
-        alone_tokens += out["usage"]["completion_tokens"]
-    alone = {"replies": args.alone_replies, "tokens": alone_tokens, "seconds": round(time.perf_counter() - started, 2)}
-    alone["tokens_per_s"] = round(alone_tokens / alone["seconds"], 1)
+    alone = {name: _llama_cpp_alone(llm, prompts[: args.alone_replies], args.max_tokens) for name, prompts in workloads.items()}
     del llm
     print("llama.cpp alone", alone, flush=True)
 
     engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
                              ctx_per_slot=settings.responder_ctx_per_slot)
     engine.warm_up()
-    rows = []
-    for level in args.levels:
-        replies = prompts[: max(level * args.rounds, args.alone_replies)]
-        rows.append(_engine_run(engine, replies, level, args.max_tokens))
-        print(rows[-1], flush=True)
-    single = next(r for r in rows if r["streams"] == 1)["tokens_per_s"]
+    results = {}
+    for name, prompts in workloads.items():
+        rows = []
+        for level in args.levels:
+            rows.append(_engine_run(engine, prompts[: max(level * args.rounds, args.alone_replies)], level, args.max_tokens))
+            print(name, rows[-1], flush=True)
+        single = rows[0]["tokens_per_s"]
+        results[name] = {"llama_cpp_alone": alone[name], "rows": rows,
+                         "ratios": {"single_over_llama_cpp_alone": round(single / alone[name]["tokens_per_s"], 3),
+                                    **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
+                                       for r in rows}}}
     save("decode", {"model": Path(settings.responder_model).name, "threads": threads, "max_tokens": args.max_tokens,
-                    "llama_cpp_alone": alone, "rows": rows,
-                    "ratios": {"single_over_llama_cpp_alone": round(single / alone["tokens_per_s"], 3),
-                               **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
-                                  for r in rows}}})
+                    "workloads": results})
 
 
 # ---------------------------------------------------------------------------------- e2e
@@ -269,7 +279,8 @@ def bench_serving(args) -> None:
 
     load_or_build_index(Settings(), SentenceEncoder(Settings().encoder))
     # As `tandem up` runs them on one machine: the gen worker leaves the encoder a core.
-    gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1))}
+    # TANDEM_GEN_POOL=threads: concurrent chats reach the continuous batcher together.
+    gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1)), "TANDEM_GEN_POOL": "threads"}
     workers = {q: subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", q],
                                    env=gen_env if q == "gen" else dict(os.environ), cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for q in ("nlu", "gen")}
@@ -370,17 +381,25 @@ def bench_hardware(args) -> None:
     flops_per_token = layers * (2 * (4 * h * h + 2 * h * ff) + 4 * mean_len * h)
     encoder_flops = flops_per_token * tokens / seconds
 
+    from llama_cpp import _internals
+
     decode = json.loads((RESULTS / "decode.json").read_text()) if (RESULTS / "decode.json").is_file() else None
     model_bytes = Path(Settings().responder_model).stat().st_size
+    gguf = _internals.LlamaModel(path_model=Settings().responder_model, params=_internals.LlamaModel.default_params(),
+                                 verbose=False)
+    decoder_params = gguf.n_params()
     decode_rows = []
     if decode:
-        for row in decode["rows"]:
-            # Each step reads every weight once for all the streams in it.
+        for row in decode["workloads"]["short"]["rows"]:
+            # Each step reads every weight once for all the streams in it, and does 2 FLOPs
+            # per weight per token whatever the batch.
             per_token = model_bytes / row["streams"]
+            flops = 2 * decoder_params * row["tokens_per_s"]
             decode_rows.append({"streams": row["streams"], "tokens_per_s": row["tokens_per_s"],
                                 "weight_bytes_per_token_mb": round(per_token / 2**20, 1),
                                 "weight_traffic_gb_s": round(per_token * row["tokens_per_s"] / 1e9, 2),
-                                "of_bandwidth": round(per_token * row["tokens_per_s"] / bandwidth, 3)})
+                                "of_bandwidth": round(per_token * row["tokens_per_s"] / bandwidth, 3),
+                                "gflops": round(flops / 1e9, 1), "of_gemm_peak": round(flops / gemm_flops, 3)})
     save("hardware", {
         "simd": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f),
         "torch_threads": torch.get_num_threads(),
@@ -388,6 +407,8 @@ def bench_hardware(args) -> None:
         "encoder": {"sentences_per_s": round(len(texts) / seconds, 1), "tokens_per_s": round(tokens / seconds),
                     "gflops": round(encoder_flops / 1e9, 1), "of_gemm_peak": round(encoder_flops / gemm_flops, 3),
                     "mean_tokens": round(mean_len, 1)},
-        "decode": {"model_bytes_mb": round(model_bytes / 2**20, 1), "rows": decode_rows},
+        "decode": {"model_bytes_mb": round(model_bytes / 2**20, 1), "params": decoder_params,
+                   # tokens/s if every FLOP ran at the GEMM peak: the compute ceiling of any batching
+                   "compute_ceiling_tokens_per_s": round(gemm_flops / (2 * decoder_params)), "rows": decode_rows},
         "machine_note": machine()["cpu"],
     })

@@ -97,7 +97,7 @@ def performance() -> list[str]:
         r = nlu["rows"]
         out.append(f"**NLU throughput** (classify + retrieve), `python -m bench nlu` ({nlu['machine']['date']}, "
                    f"{nlu['machine']['cores']} cores, {nlu['machine']['cpu']}):\n")
-        out.append("| pipeline | tickets/s | × naive | accuracy on the same tickets | tickets |\n|---|---|---|---|---|")
+        out.append("| pipeline | tickets/s | × naive | accuracy (same intent model, its tickets) | tickets |\n|---|---|---|---|---|")
         naive = r["naive"]["tickets_per_s"]
         names = {"ours_fp32": "Tandem (batched, fp32)", "ours_int8": "Tandem (batched, int8 dynamic)",
                  "naive": "naive (transformers `pipeline` per ticket)", "haystack": "Haystack 2 (per ticket)"}
@@ -113,17 +113,19 @@ def performance() -> list[str]:
         out.append("")
     decode = load("decode")
     if decode:
-        alone = decode["llama_cpp_alone"]
-        out.append(f"**Decode throughput**, SmolLM2-135M Q4_1, {decode['threads']} threads, {decode['max_tokens']}-token "
-                   f"replies to grounded prompts, `python -m bench decode` ({decode['machine']['date']}):\n")
-        out.append("| concurrent streams | aggregate tokens/s | × single stream | first token p50 |\n|---|---|---|---|")
-        out.append(f"| llama.cpp alone (1) | {alone['tokens_per_s']} | | |")
-        single = next(x for x in decode["rows"] if x["streams"] == 1)["tokens_per_s"]
-        for row in decode["rows"]:
-            out.append(f"| {row['streams']} | {row['tokens_per_s']} | {row['tokens_per_s'] / single:.2f}× "
-                       f"| {ms(row['first_token_ms_p50'])} |")
-        out.append(f"\nSingle stream through the batcher: {decode['ratios']['single_over_llama_cpp_alone']:.2f}× llama.cpp "
-                   "alone.\n")
+        out.append(f"**Decode throughput**, SmolLM2-135M Q4_1, {decode['threads']} threads, up to {decode['max_tokens']} "
+                   f"tokens per reply, `python -m bench decode` ({decode['machine']['date']}). Aggregate generated tokens/s, "
+                   "prompt prefill included; `short` is the customer's question alone, `grounded` the pipeline's prompt "
+                   "with the help article:\n")
+        out.append("| workload | concurrent streams | aggregate tokens/s | × single stream | first token p50 |\n|---|---|---|---|---|")
+        for name, w in decode["workloads"].items():
+            out.append(f"| {name} | llama.cpp alone (1) | {w['llama_cpp_alone']['tokens_per_s']} | | |")
+            single = w["rows"][0]["tokens_per_s"]
+            for row in w["rows"]:
+                out.append(f"| {name} | {row['streams']} | {row['tokens_per_s']} | {row['tokens_per_s'] / single:.2f}× "
+                           f"| {ms(row['first_token_ms_p50'])} |")
+        out.append("\nSingle stream through the batcher against llama.cpp alone: " + ", ".join(
+            f"{name} {w['ratios']['single_over_llama_cpp_alone']:.2f}×" for name, w in decode["workloads"].items()) + ".\n")
     e2e = load("e2e")
     if e2e:
         r = e2e["rows"]
@@ -136,8 +138,9 @@ def performance() -> list[str]:
         out.append("\n" + ", ".join(f"{k.replace('_', ' ')}: {v}×" for k, v in e2e["ratios"].items()) + ".\n")
     serving = load("serving")
     if serving:
-        out.append(f"**Serving** through Redis and the real workers (nlu + gen, {serving['slots']} reply slots, "
-                   f"{serving['max_tokens']}-token replies), `python -m bench serving` ({serving['machine']['date']}):\n")
+        out.append(f"**Serving** through Redis and the real workers (nlu + gen with `TANDEM_GEN_POOL=threads`, "
+                   f"{serving['slots']} reply slots, {serving['max_tokens']}-token replies), `python -m bench serving` "
+                   f"({serving['machine']['date']}):\n")
         out.append("| concurrent chats | chats | failed | first token p50 | p95 |\n|---|---|---|---|---|")
         for row in serving["rows"]:
             out.append(f"| {row['concurrent_chats']} | {row['chats']} | {row['failed']} | {ms(row['first_token_ms_p50'])} "
@@ -154,20 +157,29 @@ def performance() -> list[str]:
                    f"GFLOP/s ({pct(e['of_gemm_peak'])} of that GEMM peak; {e['sentences_per_s']} sentences/s, "
                    f"{e['mean_tokens']} tokens each).")
         if hardware["decode"]["rows"]:
-            out.append("\n| decode streams | weight bytes read per token | weight traffic | of memory bandwidth |"
-                       "\n|---|---|---|---|")
-            for row in hardware["decode"]["rows"]:
-                out.append(f"| {row['streams']} | {row['weight_bytes_per_token_mb']} MB | {row['weight_traffic_gb_s']} GB/s "
-                           f"| {pct(row['of_bandwidth'])} |")
+            d = hardware["decode"]
+            out.append(f"\nThe decoder has {d['params'] / 1e6:.0f} M parameters ({d['model_bytes_mb']} MB as Q4_1): at the "
+                       f"GEMM peak, no batching could pass {d['compute_ceiling_tokens_per_s']} tokens/s on this machine.\n")
+            out.append("| decode streams (short prompts) | generated tokens/s | GFLOP/s on them (prefill not counted) | of GEMM peak "
+                       "| weight bytes per token | of memory bandwidth |"
+                       "\n|---|---|---|---|---|---|")
+            for row in d["rows"]:
+                out.append(f"| {row['streams']} | {row['tokens_per_s']} | {row['gflops']} | {pct(row['of_gemm_peak'])} "
+                           f"| {row['weight_bytes_per_token_mb']} MB | {pct(row['of_bandwidth'])} |")
         out.append("")
     peft = load("peft")
     if peft:
         rows = peft["rows"]
-        out.append(f"**Parameter-efficient tuning**, BANKING77, `python -m bench.peft` ({peft['machine']['date']}):\n")
-        keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
-        out.append("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-        for row in rows:
-            out.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+        out.append(f"**Parameter-efficient tuning** of the intent classifier, BANKING77 test (3,080), `python -m bench.peft "
+                   f"--epochs {rows[0].get('epochs') or 1} --train-rows {rows[0]['train_rows'] + rows[0]['val_rows']}` "
+                   f"({peft['machine']['date']}); every method trains on the same {rows[0]['train_rows']:,} rows, with no "
+                   "n-gram fusion:\n")
+        out.append("| method | trainable parameters | of all | accuracy | macro-F1 | peak RSS | train time | epochs | "
+                   "load average during run |\n|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            out.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']}% | {pct(r['accuracy'])} "
+                       f"| {r['macro_f1']:.3f} | {r['peak_rss_mb']:,.0f} MB | {r['train_seconds']:,.0f} s | {r['epochs']} "
+                       f"| {r.get('load_average_1m_at_end', '–')} |")
         out.append("")
     return out
 
@@ -191,9 +203,10 @@ def plots() -> str:
     decode = load("decode")
     if decode:
         def draw_decode(ax) -> None:
-            streams = [r["streams"] for r in decode["rows"]]
-            ax.plot(streams, [r["tokens_per_s"] for r in decode["rows"]], "o-", label="Tandem continuous batching")
-            ax.axhline(decode["llama_cpp_alone"]["tokens_per_s"], color="grey", ls="--", label="llama.cpp alone, 1 stream")
+            for (name, w), color in zip(decode["workloads"].items(), ("C0", "C1")):
+                streams = [r["streams"] for r in w["rows"]]
+                ax.plot(streams, [r["tokens_per_s"] for r in w["rows"]], "o-", color=color, label=f"Tandem, {name} prompts")
+                ax.axhline(w["llama_cpp_alone"]["tokens_per_s"], color=color, ls="--", label=f"llama.cpp alone, {name}")
             ax.set(xscale="log", xlabel="concurrent streams", ylabel="aggregate tokens/s", title="Decode throughput")
             ax.set_xticks(streams, [str(s) for s in streams])
             ax.legend()

@@ -21,7 +21,7 @@ from pipeline.errors import ModelLoadError
 
 
 class SentenceEncoder:
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, max_length: int = 128):
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 16, max_length: int = 128):
         self.model_name = model
         self.device = device
         self.batch_size = batch_size

@@ -70,6 +70,7 @@ class LlamaCppBackend:
         self._active: list[_Reply] = []
         self._free = list(range(1, slots + 1))  # sequence 0 holds the cached system prompt
         self._prefix: list[int] = []
+        self._prefix_state = None
         self._model = None
         self.steps = 0  # decode calls, for tests and benchmarks
         self.max_batch_seen = 0
@@ -197,17 +198,25 @@ class LlamaCppBackend:
                 self._finish(reply, ResponderError(f"generation failed: {exc}"), locked=True)
 
     def _share_prefix(self, reply: _Reply) -> None:
-        """Start the reply's slot from the cached system prompt when the prompt begins with it."""
+        """Start the reply's slot from the cached system prompt when the prompt begins with it.
+
+        The system prompt is decoded once (in sequence 0) and its KV cells saved; each new
+        reply restores just those cells. (``llama_memory_seq_cp`` between per-sequence KV
+        streams copies a whole stream and measured slower than decoding the prompt again.)"""
         system = reply.prompt[:reply.prefix_len]
         if not system:
             return
+        llama, ctx = self._llama, self._ctx.ctx
         if system != self._prefix:
             self._memory_rm(0)
-            self._prefix = []
             self._decode_tokens(system, seq=0, start=0)
+            size = llama.llama_state_seq_get_size(ctx, 0)
+            self._prefix_state = (ctypes.c_uint8 * size)()
+            llama.llama_state_seq_get_data(ctx, self._prefix_state, size, 0)
+            self._memory_rm(0)
             self._prefix = system
-        # Whole-sequence copy: with one KV stream per sequence llama.cpp copies only full buffers.
-        self._llama.llama_memory_seq_cp(self._memory, 0, reply.slot, -1, -1)
+        if llama.llama_state_seq_set_data(ctx, self._prefix_state, len(self._prefix_state), reply.slot) == 0:
+            return  # not restored: the reply prefills its whole prompt
         reply.fed = len(system)
 
     def _make_sampler(self, reply: _Reply):

@@ -90,7 +90,7 @@ def train_intents(
     out: Annotated[Path, typer.Option("--out", help="artifact folder to write")],
     text_col: Annotated[str, typer.Option("--text-col")] = "text",
     label_col: Annotated[str, typer.Option("--label-col")] = "label",
-    method: Annotated[str, typer.Option("--method", help="head | finetune | lora")] = "head",
+    method: Annotated[str, typer.Option("--method", help="head | finetune | lora | prefix | prompt")] = "head",
     val_split: Annotated[float, typer.Option("--val-split", min=0.0, max=0.5)] = 0.1,
     lexical: Annotated[bool, typer.Option("--lexical/--no-lexical", help="fuse with the n-gram model")] = True,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 4,
@@ -102,8 +102,8 @@ def train_intents(
     from pipeline.data_io import read_labelled_csv
     from pipeline.encoder import SentenceEncoder
 
-    if method not in ("head", "finetune", "lora"):
-        raise typer.BadParameter("must be head, finetune or lora", param_hint="--method")
+    if method not in ("head", "finetune", "lora", "prefix", "prompt"):
+        raise typer.BadParameter("must be head, finetune, lora, prefix or prompt", param_hint="--method")
     texts, labels = read_labelled_csv(train_csv, text_col, label_col)
     settings = _settings()
     _quiet_libraries()
@@ -271,10 +271,12 @@ def worker(
     celery = configure()
     import workers.tasks  # noqa: F401  (registers the tasks and the model-loading signal)
 
-    # One process holds the models. NLU alone: the solo pool, as torch uses the cores itself.
-    # With gen: a thread per reply slot, so concurrent replies reach the responder together
-    # and its continuous batching decodes them in one batch.
-    pool = ["--pool", "threads", "--concurrency", str(_settings().responder_slots)] if "gen" in chosen else ["--pool", "solo"]
+    # One process holds the models; torch and llama.cpp use the cores themselves. With
+    # TANDEM_GEN_POOL=threads a gen worker runs a task per reply slot, so concurrent chats
+    # reach the responder together and its continuous batching decodes them in one batch.
+    settings = _settings()
+    threads = "gen" in chosen and settings.gen_pool == "threads"
+    pool = ["--pool", "threads", "--concurrency", str(settings.responder_slots)] if threads else ["--pool", "solo"]
     celery.worker_main(["worker", "-Q", ",".join(chosen), *pool, "--loglevel", loglevel,
                         "-n", f"{name or '-'.join(chosen)}@%h", "--without-gossip", "--without-mingle"])
 

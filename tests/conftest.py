@@ -67,11 +67,11 @@ class Workers:
         self.logs = logs
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def start(self, queue: str, wait: bool = True) -> None:
+    def start(self, queue: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
         log = open(self.logs / f"worker-{queue}-{len(os.listdir(self.logs))}.log", "w")  # noqa: SIM115 (outlives this call)
         self.processes[queue] = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "worker", "--queues", queue, "--name", f"{queue}-{os.getpid()}"],
-            env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            env={**self.env, **(env or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready(queue)
 

@@ -53,7 +53,20 @@ def test_one_gen_worker_streams_concurrent_replies_together(workers, redis_clien
     and each stream carries only its own reply."""
     messages = ["How long does card delivery take?", "What is the fee for an international transfer?",
                 "How do I freeze my card?"]
-    ids = [submit_message(m, use_cache=False) for m in messages]
+    workers.kill("gen")
+    workers.start("gen", env={"TANDEM_GEN_POOL": "threads"})
+    try:
+        ids = [submit_message(m, use_cache=False) for m in messages]
+        spans = _stream_together(redis_client, ids)
+    finally:
+        workers.kill("gen")
+        workers.start("gen")  # the session's solo-pool worker, for the tests after this one
+    first_ends = min(end for _, end in spans)
+    assert sum(start < first_ends for start, _ in spans) >= 2, f"replies streamed one after another: {spans}"
+
+
+def _stream_together(redis_client, ids: list[str]) -> list[tuple[int, int]]:
+    """Reads the replies at once; returns each one's first and last token time (ms, from the stream ids)."""
     events = {i: [] for i in ids}
 
     def read(reply_id: str) -> None:
@@ -74,8 +87,7 @@ def test_one_gen_worker_streams_concurrent_replies_together(workers, redis_clien
         done = events[reply_id][-1][2]
         if done["grounded"]:
             assert "".join(d["text"] for _, k, d in events[reply_id] if k == "token").strip() == done["reply"]
-    first_ends = min(end for _, end in spans)
-    assert sum(start < first_ends for start, _ in spans) >= 2, f"replies streamed one after another: {spans}"
+    return spans
 
 
 def test_reconnecting_consumer_gets_every_token_exactly_once(workers, redis_client):
