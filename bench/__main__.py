@@ -69,11 +69,11 @@ def bench_intents(args) -> None:
     save("intents", {"dataset": "BANKING77 test (3,080)", "shipped_model": shipped, "rows": rows})
 
 
-def _pipeline(**overrides):
+def _pipeline(load_responder: bool = True, **overrides):
     from pipeline.chain import HybridPipeline
     from pipeline.settings import Settings
 
-    return HybridPipeline.from_settings(Settings(**overrides))
+    return HybridPipeline.from_settings(Settings(**overrides), load_responder=load_responder)
 
 
 def bench_retrieval(args) -> None:

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from bench.__main__ import machine, quiet, save
-
-METHODS = ["head", "finetune", "lora", "prefix", "prompt"]
+from pipeline.classifier import METHODS
 
 
 def _peak_rss_mb() -> float:

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.__main__ import RESULTS, machine, save
+from bench.__main__ import RESULTS, _pipeline, machine, save
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,13 +42,6 @@ def _test_split(n: int | None = None) -> tuple[list[str], list[str]]:
     step = len(texts) / n  # spread over every intent, not the first few
     picks = [int(i * step) for i in range(n)]
     return [texts[i] for i in picks], [labels[i] for i in picks]
-
-
-def _pipeline(load_responder: bool = True, **overrides):
-    from pipeline.chain import HybridPipeline
-    from pipeline.settings import Settings
-
-    return HybridPipeline.from_settings(Settings(**overrides), load_responder=load_responder)
 
 
 def _percentile(values: list[float], q: float) -> float | None:

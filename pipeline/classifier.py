@@ -37,6 +37,7 @@ from pipeline.errors import InputError, ModelLoadError
 ARTIFACT_FORMAT = 1
 # Methods whose artifact is a peft adapter over the base encoder (saved in ``adapter/``).
 ADAPTER_METHODS = ("lora", "prefix", "prompt")
+METHODS = ("head", "finetune", *ADAPTER_METHODS)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 

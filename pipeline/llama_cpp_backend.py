@@ -8,7 +8,7 @@ when done, so a short reply never waits for a long one. Callers see a plain iter
 text pieces; the scheduler hands them over through a queue per reply.
 
 Each reply owns a KV-cache sequence (a "slot"). The shared system prompt is decoded
-once into a spare sequence and copied into a new reply's slot instead of recomputed
+once and its KV state restored into each new reply's slot instead of recomputed
 (prefix caching). With a single reply active a step is one token, the same work
 llama.cpp's own loop does, so the single-stream speed stays llama.cpp's.
 """
@@ -64,7 +64,8 @@ class LlamaCppBackend:
         self.ctx_per_slot = ctx_per_slot
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
-        self._lock = threading.Lock()
+        # Re-entrant: a reply that fails while being admitted (lock held) frees its slot too.
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Reply] = deque()
         self._active: list[_Reply] = []
@@ -72,8 +73,7 @@ class LlamaCppBackend:
         self._prefix: list[int] = []
         self._prefix_state = None
         self._model = None
-        self.steps = 0  # decode calls, for tests and benchmarks
-        self.max_batch_seen = 0
+        self.max_batch_seen = 0  # for tests and benchmarks
         self.tokens_generated = 0
 
     # -- loading ---------------------------------------------------------------------------
@@ -82,8 +82,10 @@ class LlamaCppBackend:
             if self._model is not None:
                 return
             self._load()
+        from pipeline.responder import GenerationLimits  # imported here: responder imports this module
+
         # First decode allocates llama.cpp's compute buffers; do it before the first customer.
-        for _ in self.stream([{"role": "user", "content": "hi"}], max_tokens=1):
+        for _ in self.stream([{"role": "user", "content": "hi"}], GenerationLimits(max_tokens=1)):
             pass
 
     def _load(self) -> None:
@@ -125,18 +127,16 @@ class LlamaCppBackend:
         threading.Thread(target=self._run, name="llama-cpp-batcher", daemon=True).start()
 
     # -- the caller's side -----------------------------------------------------------------
-    def stream(self, messages: list[dict], limits=None, *, max_tokens: int | None = None) -> Iterator[str]:
+    def stream(self, messages: list[dict], limits) -> Iterator[str]:
         """Text pieces of the reply to ``messages``; ``limits`` is a GenerationLimits."""
         self.warm_up()
         prompt = self.tokenize_chat(messages)
-        max_new = max_tokens if max_tokens is not None else limits.max_tokens
-        if len(prompt) + max_new > self.ctx_per_slot:
-            raise ResponderError(f"the prompt is {len(prompt)} tokens; with {max_new} to generate it exceeds the "
+        if len(prompt) + limits.max_tokens > self.ctx_per_slot:
+            raise ResponderError(f"the prompt is {len(prompt)} tokens; with {limits.max_tokens} to generate it exceeds the "
                                  f"{self.ctx_per_slot}-token context of a slot (raise TANDEM_RESPONDER_CTX_PER_SLOT)")
-        timeout = limits.timeout_s if limits else 60.0
-        reply = _Reply(prompt=prompt, max_tokens=max_new, temperature=limits.temperature if limits else 0.0,
-                       repeat_penalty=limits.repeat_penalty if limits else 1.0, stop=list(limits.stop) if limits else [],
-                       deadline=time.monotonic() + timeout)
+        timeout = limits.timeout_s
+        reply = _Reply(prompt=prompt, max_tokens=limits.max_tokens, temperature=limits.temperature,
+                       repeat_penalty=limits.repeat_penalty, stop=list(limits.stop), deadline=time.monotonic() + timeout)
         reply.prefix_len = self._system_prefix_len(messages, prompt)
         with self._wake:
             self._waiting.append(reply)
@@ -195,7 +195,7 @@ class LlamaCppBackend:
                 reply.sampler = self._make_sampler(reply)
                 self._share_prefix(reply)
             except Exception as exc:  # fails this reply alone; the scheduler goes on
-                self._finish(reply, ResponderError(f"generation failed: {exc}"), locked=True)
+                self._finish(reply, ResponderError(f"generation failed: {exc}"))
 
     def _share_prefix(self, reply: _Reply) -> None:
         """Start the reply's slot from the cached system prompt when the prompt begins with it.
@@ -209,7 +209,7 @@ class LlamaCppBackend:
         llama, ctx = self._llama, self._ctx.ctx
         if system != self._prefix:
             self._memory_rm(0)
-            self._decode_tokens(system, seq=0, start=0)
+            self._decode_tokens(system, seq=0)
             size = llama.llama_state_seq_get_size(ctx, 0)
             self._prefix_state = (ctypes.c_uint8 * size)()
             llama.llama_state_seq_get_data(ctx, self._prefix_state, size, 0)
@@ -264,7 +264,6 @@ class LlamaCppBackend:
         status = self._llama.llama_decode(self._ctx.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
-        self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(sampled))
         for reply, index in sampled:
             token = reply.sampler.sample(self._ctx, index)
@@ -290,7 +289,7 @@ class LlamaCppBackend:
         if reply.n_generated >= reply.max_tokens:
             self._finish(reply, None)
 
-    def _finish(self, reply: _Reply, error: Exception | None, locked: bool = False) -> None:
+    def _finish(self, reply: _Reply, error: Exception | None) -> None:
         if error is None and len(reply.text) > reply.emitted:
             reply.out.put(reply.text[reply.emitted:])
         reply.out.put(error if error is not None else _DONE)
@@ -298,11 +297,8 @@ class LlamaCppBackend:
         self._memory_rm(reply.slot)
         if reply.sampler is not None:
             reply.sampler.close()
-        if locked:  # called from _admit, which holds the lock
+        with self._lock:
             self._free.append(reply.slot)
-        else:
-            with self._lock:
-                self._free.append(reply.slot)
 
     # -- llama.cpp plumbing ----------------------------------------------------------------
     def _add(self, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -311,10 +307,11 @@ class LlamaCppBackend:
         batch.seq_id[i][0] = seq
         batch.n_tokens = i + 1
 
-    def _decode_tokens(self, tokens: list[int], seq: int, start: int) -> None:
+    def _decode_tokens(self, tokens: list[int], seq: int) -> None:
+        """Decode ``tokens`` from position 0 of sequence ``seq``, no logits."""
         for offset in range(0, len(tokens), self._n_batch):
             self._batch.n_tokens = 0
-            for i, token in enumerate(tokens[offset:offset + self._n_batch], start=start + offset):
+            for i, token in enumerate(tokens[offset:offset + self._n_batch], start=offset):
                 self._add(token, i, seq, False)
             if self._llama.llama_decode(self._ctx.ctx, self._batch) != 0:
                 raise RuntimeError("llama_decode failed on the system prompt")

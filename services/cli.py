@@ -37,13 +37,20 @@ def _quiet_libraries() -> None:
 
 
 def friendly(command: Callable) -> Callable:
-    """Turn Tandem's own errors into a one-line message and exit status 2."""
+    """Turn Tandem's own errors, and a bad TANDEM_* setting, into a one-line message and exit status 2."""
+    from pydantic import ValidationError
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except TandemError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except ValidationError as exc:  # raised by Settings() reading the environment
+            for problem in exc.errors():
+                name = "TANDEM_" + "_".join(str(part) for part in problem["loc"]).upper()
+                err.print(f"[bold red]error:[/] {name}: {problem['msg']}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -98,12 +105,12 @@ def train_intents(
     max_train: Annotated[int | None, typer.Option("--max-train", help="use at most this many rows")] = None,
 ) -> None:
     """Train an intent classifier from a CSV."""
-    from pipeline.classifier import IntentClassifier, TrainConfig
+    from pipeline.classifier import METHODS, IntentClassifier, TrainConfig
     from pipeline.data_io import read_labelled_csv
     from pipeline.encoder import SentenceEncoder
 
-    if method not in ("head", "finetune", "lora", "prefix", "prompt"):
-        raise typer.BadParameter("must be head, finetune, lora, prefix or prompt", param_hint="--method")
+    if method not in METHODS:
+        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
     texts, labels = read_labelled_csv(train_csv, text_col, label_col)
     settings = _settings()
     _quiet_libraries()

@@ -125,6 +125,22 @@ def test_ask_with_a_corrupt_index_is_a_clear_error(tmp_path):
     assert_clean_error(env_run, "corrupt")
 
 
+def test_train_rejects_an_unknown_method(tmp_path):
+    (tmp_path / "t.csv").write_text("text,label\nhi,a\nho,b\n")
+    result = run(["train-intents", str(tmp_path / "t.csv"), "--out", str(tmp_path / "m"), "--method", "bogus"], tmp_path)
+    assert result.returncode == 2 and "must be one of head, finetune, lora, prefix, prompt" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("TANDEM_GEN_POOL", "bogus", "TANDEM_GEN_POOL: Input should be 'solo' or 'threads'"),
+    ("TANDEM_RESPONDER_SLOTS", "0", "TANDEM_RESPONDER_SLOTS: Input should be greater than or equal to 1"),
+])
+def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    assert_clean_error(run(["worker", "--queues", "gen"], tmp_path), message)
+
+
 def test_worker_and_batch_reject_bad_arguments(tmp_path):
     result = run(["worker", "--queues", "bogus"], tmp_path)
     assert result.returncode == 2 and "queues must be among nlu, gen" in result.stderr.decode()
