@@ -22,11 +22,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    cpu = ""
+    cpu, flags = "", set()
     if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    # The model name alone ("AMD EPYC") does not tell these machines apart; the widest SIMD does.
+    simd = next((f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags), "")
+    return {"cpu": f"{cpu} ({simd})" if simd else cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -286,8 +289,14 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--rounds", type=int, default=2, help="replies per stream at each level")
     p.add_argument("--alone-replies", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=3, help="alternating llama.cpp-alone / single-stream runs")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu-layers", type=int, default=0, help="offload to the GPU (-1: all layers; CUDA build)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="JSON of the prompt workloads: read if it exists, else written (lets a GPU host without "
+                        "the BERT side run the same prompts)")
+    p.add_argument("--out", default="decode", help="result name under bench/results/")
     p = sub.add_parser("e2e")
     p.add_argument("--tickets", type=int, default=64)
     p.add_argument("--peer-tickets", type=int, default=8)
@@ -307,7 +316,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "bench.peft"], check=True)
         subprocess.run([sys.executable, "-m", "bench", "report"], check=True)
         return
-    quiet()
+    if args.name != "decode":
+        # decode needs no torch, and keeping it out lets a CUDA build of llama.cpp load: beside
+        # the H100 host's torch 2.11 it segfaulted in llama.cpp's tokenizer set-up.
+        quiet()
     from bench import perf, report
 
     {"intents": bench_intents, "retrieval": bench_retrieval, "grounding": bench_grounding,

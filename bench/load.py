@@ -141,7 +141,10 @@ async def run(args) -> None:
         "chunks_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 1),
         "chat_seconds_p50": round(statistics.median(r["seconds"] for r in ok), 1) if ok else None,
         "memory_samples": memory[:: max(1, len(memory) // 6)] + memory[-1:],
-        "note": "one gen worker decodes one reply at a time until continuous batching lands (issue 5)",
+        "gen_pool": os.environ.get("TANDEM_GEN_POOL", "solo"),
+        "note": ("the gen worker's thread pool hands concurrent chats to the batcher together"
+                 if os.environ.get("TANDEM_GEN_POOL") == "threads" else
+                 "the solo gen worker takes one chat at a time (TANDEM_GEN_POOL=threads batches them)"),
     })
 
 

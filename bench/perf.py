@@ -172,28 +172,50 @@ def bench_decode(args) -> None:
 
     settings = Settings()
     threads = args.threads or os.cpu_count()
-    workloads = _prompts(max(args.levels) * args.rounds)
-    llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, verbose=False)
-    alone = {name: _llama_cpp_alone(llm, prompts[: args.alone_replies], args.max_tokens) for name, prompts in workloads.items()}
-    del llm
-    print("llama.cpp alone", alone, flush=True)
-
+    n = max(args.levels) * args.rounds
+    if args.prompts and args.prompts.is_file():
+        workloads = {name: (prompts * n)[:n] for name, prompts in json.loads(args.prompts.read_text()).items()}
+    else:
+        workloads = _prompts(n)
+        if args.prompts:
+            args.prompts.write_text(json.dumps(workloads))
+    llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, n_gpu_layers=args.gpu_layers,
+                verbose=False)
     engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
-                             ctx_per_slot=settings.responder_ctx_per_slot)
+                             ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=args.gpu_layers)
     engine.warm_up()
     results = {}
     for name, prompts in workloads.items():
-        rows = []
-        for level in args.levels:
+        # llama.cpp alone and one stream through the batcher, in alternation: this machine's
+        # speed drifts by tens of percent within minutes, so back-to-back pairs compare fairly.
+        pairs = []
+        for _ in range(args.pairs):
+            alone = _llama_cpp_alone(llm, prompts[: args.alone_replies], args.max_tokens)
+            single = _engine_run(engine, prompts[: args.alone_replies], 1, args.max_tokens)
+            pairs.append({"llama_cpp_alone": alone["tokens_per_s"], "batcher": single["tokens_per_s"]})
+            print(name, "pair", pairs[-1], flush=True)
+        rows = [single]
+        for level in sorted(set(args.levels) - {1}):
             rows.append(_engine_run(engine, prompts[: max(level * args.rounds, args.alone_replies)], level, args.max_tokens))
             print(name, rows[-1], flush=True)
+        ratio = statistics.median(p["batcher"] / p["llama_cpp_alone"] for p in pairs)
         single = rows[0]["tokens_per_s"]
-        results[name] = {"llama_cpp_alone": alone[name], "rows": rows,
-                         "ratios": {"single_over_llama_cpp_alone": round(single / alone[name]["tokens_per_s"], 3),
+        results[name] = {"llama_cpp_alone": alone, "pairs": pairs, "rows": rows,
+                         "ratios": {"single_over_llama_cpp_alone": round(ratio, 3),
                                     **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
                                        for r in rows}}}
-    save("decode", {"model": Path(settings.responder_model).name, "threads": threads, "max_tokens": args.max_tokens,
+    save(args.out, {"model": Path(settings.responder_model).name, "threads": threads, "max_tokens": args.max_tokens,
+                    "gpu_layers": args.gpu_layers, "gpu": _gpu_name() if args.gpu_layers else None,
                     "workloads": results})
+
+
+def _gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 # ---------------------------------------------------------------------------------- e2e

@@ -182,7 +182,7 @@ class OpenAICompatibleBackend:
 def make_backend(settings) -> GenerationBackend:
     if settings.responder_backend == "llama_cpp":
         return LlamaCppBackend(settings.responder_model, threads=settings.responder_threads, slots=settings.responder_slots,
-                               ctx_per_slot=settings.responder_ctx_per_slot)
+                               ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=settings.responder_gpu_layers)
     if settings.responder_backend == "transformers":
         return TransformersBackend(settings.responder_model, device=settings.responder_device,
                                    gguf_file=settings.responder_gguf_file)

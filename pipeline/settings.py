@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     responder_gguf_file: str | None = None  # transformers backend: a GGUF file inside the model folder
     responder_device: str = "cpu"
     responder_threads: int | None = None
+    # llama_cpp: model layers offloaded to the GPU (-1: all) by a CUDA/Metal build of llama-cpp-python.
+    responder_gpu_layers: int = Field(default=0, ge=-1)
     # llama_cpp: replies decoded together by continuous batching, and each one's context (prompt + reply)
     responder_slots: int = Field(default=16, ge=1, le=64)
     responder_ctx_per_slot: int = Field(default=1024, ge=256)

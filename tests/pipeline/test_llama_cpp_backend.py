@@ -143,3 +143,34 @@ def test_the_system_prompt_is_decoded_once_and_shared(engine, solo):
     system_only = engine.tokenize_chat(PROMPTS[0][:1], engine._system_formatter)
     assert engine._prefix == system_only
     assert "".join(engine.stream(PROMPTS[2], LIMITS)) == solo[2]
+
+
+def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypatch):
+    """llama.cpp batches, in one ubatch, only sequences with consecutive ids in increasing
+    order; replies in scattered slots each cost a pass over the weights of their own."""
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=4, ctx_per_slot=512)
+    engine.warm_up()
+    steps: list[list[int]] = []
+    step, add = engine._step, engine._add
+
+    def recording_step() -> None:
+        steps.append([])
+        step()
+        steps.append([])  # the system prompt, decoded into sequence 0 on admission, is no step
+
+    def recording_add(token: int, pos: int, seq: int, logits: bool) -> None:
+        if steps and seq:
+            steps[-1].append(seq)
+        add(token, pos, seq, logits)
+
+    monkeypatch.setattr(engine, "_step", recording_step)
+    monkeypatch.setattr(engine, "_add", recording_add)
+    long = threading.Thread(target=lambda: list(engine.stream(PROMPTS[0], GenerationLimits(max_tokens=60))))
+    long.start()
+    list(engine.stream(PROMPTS[1], GenerationLimits(max_tokens=2)))  # leaves slot 2 free again
+    list(engine.stream(PROMPTS[2], GenerationLimits(max_tokens=2)))  # must take slot 2, not 3 or 4
+    long.join(60)
+    used = {seq for fed in steps for seq in fed}
+    assert used == {1, 2}
+    decoding = [[seq for i, seq in enumerate(fed) if i == 0 or seq != fed[i - 1]] for fed in steps]
+    assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
