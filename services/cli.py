@@ -355,12 +355,13 @@ def up() -> None:
         nonlocal stopping
         stopping = True
 
+    # Both by hand: a shell starts background jobs with SIGINT ignored, and Python then keeps
+    # ignoring it, so `tandem up &` would not stop on `kill -INT` (seen in a scripted CI run).
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         while not stopping and all(c.poll() is None for c in children):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         for child in children:
             if child.poll() is None:
