@@ -128,6 +128,8 @@ class HybridPipeline:
         encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
                                   settings.encoder_max_length)
         classifier = load_intent_model(settings, encoder, progress)
+        if settings.encoder_int8_attention and settings.encoder_device == "cpu" and classifier.method == "head":
+            encoder.quantize_attention()  # measured for the head-only model only
         index = load_or_build_index(settings, encoder, progress)
         limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s)
         responder = Responder(make_backend(settings), limits, settings.max_passages_in_prompt)

@@ -63,6 +63,15 @@ class SentenceEncoder:
         self._model = model.to(self.device).eval()
         self.tag = tag or self.tag
 
+    def quantize_attention(self) -> None:
+        """int8 weights for the attention layers' linear maps (dynamic quantization, CPU).
+
+        Inference only: the quantized layers cannot train. The identity stays the same because
+        the vectors stay interchangeable with fp32 ones (settings.encoder_int8_attention)."""
+        names = {name for name, module in self.model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and ".attention." in f".{name}."}
+        self._model = torch.ao.quantization.quantize_dynamic(self.model, names, dtype=torch.qint8)
+
     @property
     def model(self) -> torch.nn.Module:
         self.warm_up()

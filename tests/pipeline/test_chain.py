@@ -93,3 +93,27 @@ def test_edited_knowledge_base_is_picked_up_without_a_rebuild(settings, encoder,
     again = load_or_build_index(local, encoder)
     assert "age-limit" not in again.articles and again.version != first.version
     assert len(again.articles) == 76
+
+
+def _quantized(model) -> set[str]:
+    return {name for name, module in model.named_modules() if type(module).__module__.startswith("torch.ao.nn.quantized")
+            and type(module).__name__ == "Linear"}
+
+
+def test_the_shipped_pipeline_runs_attention_in_int8_with_vectors_close_to_fp32(pipeline, encoder):
+    quantized = _quantized(pipeline.encoder.model)
+    assert quantized and all(".attention." in f".{name}." for name in quantized)
+    assert not _quantized(encoder.model), "the fp32 encoder beside it is untouched"
+    messages = ["I lost my card", "How long does a transfer abroad take?", "Why was I charged a fee?"]
+    cosine = (pipeline.encoder.encode(messages) * encoder.encode(messages)).sum(axis=1)
+    assert cosine.min() > 0.98
+    assert pipeline.encoder.identity == encoder.identity  # indexes built by either serve both
+
+
+def test_int8_attention_can_be_turned_off(settings):
+    from pipeline.chain import HybridPipeline
+    from pipeline.settings import Settings
+
+    plain = HybridPipeline.from_settings(Settings(**{**settings.model_dump(), "encoder_int8_attention": False}),
+                                         load_responder=False)
+    assert not _quantized(plain.encoder.model)
