@@ -8,13 +8,17 @@ a timed test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,6 +43,52 @@ def save(name: str, payload: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False))
     summary = {k: v for k, v in payload.items() if k != "rows"}
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def private_redis(prefix: str, **env: str) -> Iterator[Path]:
+    """A redis-server of our own on a free port, and a scratch data dir, for this process and
+    the workers it starts (through the environment); yields the scratch folder."""
+    from workers.redis_server import EmbeddedRedis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    server = EmbeddedRedis(workdir / "redis", port)
+    os.environ.update(TANDEM_REDIS_URL=server.start(), TANDEM_DATA_DIR=str(workdir / "data"), **env)
+    try:
+        yield workdir
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def running_workers(envs: dict[str, dict[str, str]]) -> Iterator[dict[str, subprocess.Popen]]:
+    """One worker per queue, each with its own environment, stopped on the way out."""
+    workers = {queue: subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", queue], env=env,
+                                       cwd=Path(__file__).resolve().parent.parent,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for queue, env in envs.items()}
+    try:
+        yield workers
+    finally:
+        for worker in workers.values():
+            worker.terminate()
+        for worker in workers.values():
+            worker.wait(30)
+
+
+def wait_for_queues(names: set[str], timeout: float = 300) -> None:
+    from pipeline.settings import Settings
+    from workers.app import app, configure
+
+    configure(Settings())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queues = app.control.inspect(timeout=1).active_queues() or {}
+        if {q["name"] for qs in queues.values() for q in qs} >= names:
+            return
 
 
 def quiet() -> None:
@@ -145,24 +195,13 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 def bench_distributed(args) -> None:
     """Issue 3's figures: NLU tickets/s and time to first token, in-process against through
     Celery and Redis, on the same machine in the same run."""
-    import socket
-    import tempfile
-
     from pipeline.chain import Token
     from pipeline.data_io import read_labelled_csv
     from pipeline.settings import PACKAGE_DATA, Settings
-    from workers.redis_server import EmbeddedRedis
 
     texts, _ = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
     texts = texts[: args.tickets]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
-    server = EmbeddedRedis(workdir / "redis", port)
-    os.environ.update(TANDEM_REDIS_URL=server.start(), TANDEM_DATA_DIR=str(workdir / "data"))
-    workers = []
-    try:
+    with private_redis("tandem-bench-") as workdir:
         # In-process first, alone on the machine.
         pipeline = _pipeline(data_dir=workdir / "data")
         pipeline.understand(texts[:64])
@@ -179,47 +218,33 @@ def bench_distributed(args) -> None:
                     break
         del pipeline
 
-        from workers.app import app, configure
         from workers.batch import run_batch
         from workers.client import submit_message
         from workers.streams import connect, stream_reply
 
-        configure(Settings())
-        for queue in ("nlu", "gen"):
-            workers.append(subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", queue],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            queues = app.control.inspect(timeout=1).active_queues() or {}
-            if {q["name"] for qs in queues.values() for q in qs} >= {"nlu", "gen"}:
-                break
-        tickets = workdir / "tickets.jsonl"
-        tickets.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
-        # Warm up on other texts: the worker remembers recent vectors, and the measured run must not hit them.
-        warm = workdir / "warm.jsonl"
-        warm.write_text("".join(json.dumps({"id": str(i), "text": f"warm up {i}"}) + "\n" for i in range(256)))
-        run_batch(warm, workdir / "warm-out.jsonl", drafts=False, chunk_size=32)
-        started = time.perf_counter()
-        run_batch(tickets, workdir / "out.jsonl", drafts=False, chunk_size=32)
-        celery_tps = len(texts) / (time.perf_counter() - started)
-        client = connect(Settings().resolved_redis_url)
-        celery_ttft = []
-        for text in texts[: args.messages]:
-            t0 = time.perf_counter()
-            reply_id = submit_message(text + " (through workers)", use_cache=False)
-            for _, kind, _ in stream_reply(client, reply_id):
-                if kind == "token":
-                    celery_ttft.append((time.perf_counter() - t0) * 1000)
-                    break
-            # drain the rest so the next message does not queue behind it
-            for _ in stream_reply(client, reply_id):
-                pass
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(30)
-        server.stop()
+        with running_workers({"nlu": dict(os.environ), "gen": dict(os.environ)}):
+            wait_for_queues({"nlu", "gen"}, timeout=180)
+            tickets = workdir / "tickets.jsonl"
+            tickets.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+            # Warm up on other texts: the worker remembers recent vectors, and the measured run must not hit them.
+            warm = workdir / "warm.jsonl"
+            warm.write_text("".join(json.dumps({"id": str(i), "text": f"warm up {i}"}) + "\n" for i in range(256)))
+            run_batch(warm, workdir / "warm-out.jsonl", drafts=False, chunk_size=32)
+            started = time.perf_counter()
+            run_batch(tickets, workdir / "out.jsonl", drafts=False, chunk_size=32)
+            celery_tps = len(texts) / (time.perf_counter() - started)
+            client = connect(Settings().resolved_redis_url)
+            celery_ttft = []
+            for text in texts[: args.messages]:
+                t0 = time.perf_counter()
+                reply_id = submit_message(text + " (through workers)", use_cache=False)
+                for _, kind, _ in stream_reply(client, reply_id):
+                    if kind == "token":
+                        celery_ttft.append((time.perf_counter() - t0) * 1000)
+                        break
+                # drain the rest so the next message does not queue behind it
+                for _ in stream_reply(client, reply_id):
+                    pass
 
     def p(values, q):
         return round(statistics.quantiles(values, n=20)[q], 1) if len(values) > 1 else values[0]

@@ -21,13 +21,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.__main__ import RESULTS, _pipeline, machine, save
+from bench.__main__ import RESULTS, _pipeline, machine, private_redis, running_workers, save, wait_for_queues
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,81 +274,66 @@ class _PeakRss(threading.Thread):
             time.sleep(0.2)
 
 
+def _serving_rows(args, texts: list[str]) -> list[dict]:
+    """Chats at each concurrency level against the running workers: their time to first token."""
+    from pipeline.settings import Settings
+    from workers.client import submit_message
+    from workers.streams import connect, stream_reply
+
+    client = connect(Settings().resolved_redis_url)
+    used = iter(range(10**6))
+    rows = []
+
+    def chat(text: str, out: list[float]) -> None:
+        t0 = time.perf_counter()
+        reply_id = submit_message(f"{text} ({next(used)})", use_cache=False)
+        first = None
+        for _, kind, _ in stream_reply(client, reply_id):
+            if kind == "token" and first is None:
+                first = (time.perf_counter() - t0) * 1000
+        out.append(first if first is not None else float("nan"))
+
+    chat("warm up", [])
+    for level in args.levels:
+        ttft: list[float] = []
+        batch = texts[: level * args.rounds]
+        started = time.perf_counter()
+        for start in range(0, len(batch), level):  # `level` chats open at once, `rounds` times
+            threads = [threading.Thread(target=chat, args=(t, ttft)) for t in batch[start:start + level]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        ok = [v for v in ttft if v == v]
+        rows.append({"concurrent_chats": level, "chats": len(ttft), "failed": len(ttft) - len(ok),
+                     "first_token_ms_p50": _percentile(ok, 0.5), "first_token_ms_p95": _percentile(ok, 0.95),
+                     "seconds": round(time.perf_counter() - started, 1), "first_token_ms": sorted(round(v) for v in ok)})
+        print({k: v for k, v in rows[-1].items() if k != "first_token_ms"}, flush=True)
+    return rows
+
+
 def bench_serving(args) -> None:
     """TTFT at several concurrencies through Redis and real workers, and peak RSS per worker."""
-    import socket
-
-    from pipeline.settings import Settings
-    from workers.redis_server import EmbeddedRedis
-
-    texts, _ = _test_split(max(args.levels) * args.rounds * 2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = Path(tempfile.mkdtemp(prefix="tandem-serving-"))
-    server = EmbeddedRedis(workdir / "redis", port)
-    os.environ.update(TANDEM_REDIS_URL=server.start(), TANDEM_DATA_DIR=str(workdir / "data"),
-                      TANDEM_MAX_TOKENS=str(args.max_tokens))
-    # The index is built once, as `tandem up` or `tandem index` leaves it, not by each worker at start.
     from pipeline.chain import load_or_build_index
     from pipeline.encoder import SentenceEncoder
+    from pipeline.settings import Settings
 
-    load_or_build_index(Settings(), SentenceEncoder(Settings().encoder))
-    # As `tandem up` runs them on one machine: the gen worker leaves the encoder a core.
-    # TANDEM_GEN_POOL=threads: concurrent chats reach the continuous batcher together.
-    gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1)), "TANDEM_GEN_POOL": "threads"}
-    workers = {q: subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--queues", q],
-                                   env=gen_env if q == "gen" else dict(os.environ), cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for q in ("nlu", "gen")}
-    rss = _PeakRss({f"{q}_worker": p.pid for q, p in workers.items()})
-    rss.start()
-    rows = []
-    try:
-        from workers.app import app, configure
-        from workers.client import submit_message
-        from workers.streams import connect, stream_reply
-
-        configure(Settings())
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            queues = app.control.inspect(timeout=1).active_queues() or {}
-            if {q["name"] for qs in queues.values() for q in qs} >= {"nlu", "gen"}:
-                break
-        client = connect(Settings().resolved_redis_url)
-        used = iter(range(10**6))
-
-        def chat(text: str, out: list[float]) -> None:
-            t0 = time.perf_counter()
-            reply_id = submit_message(f"{text} ({next(used)})", use_cache=False)
-            first = None
-            for _, kind, _ in stream_reply(client, reply_id):
-                if kind == "token" and first is None:
-                    first = (time.perf_counter() - t0) * 1000
-            out.append(first if first is not None else float("nan"))
-
-        chat("warm up", [])
-        for level in args.levels:
-            ttft: list[float] = []
-            batch = texts[: level * args.rounds]
-            started = time.perf_counter()
-            for start in range(0, len(batch), level):  # `level` chats open at once, `rounds` times
-                threads = [threading.Thread(target=chat, args=(t, ttft)) for t in batch[start:start + level]]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            ok = [v for v in ttft if v == v]
-            rows.append({"concurrent_chats": level, "chats": len(ttft), "failed": len(ttft) - len(ok),
-                         "first_token_ms_p50": _percentile(ok, 0.5), "first_token_ms_p95": _percentile(ok, 0.95),
-                         "seconds": round(time.perf_counter() - started, 1), "first_token_ms": sorted(round(v) for v in ok)})
-            print({k: v for k, v in rows[-1].items() if k != "first_token_ms"}, flush=True)
-    finally:
-        rss.running = False
-        for process in workers.values():
-            process.terminate()
-        for process in workers.values():
-            process.wait(30)
-        server.stop()
+    texts, _ = _test_split(max(args.levels) * args.rounds * 2)
+    with private_redis("tandem-serving-", TANDEM_MAX_TOKENS=str(args.max_tokens)):
+        # The index is built once, as `tandem up` or `tandem index` leaves it, not by each worker at start.
+        load_or_build_index(Settings(), SentenceEncoder(Settings().encoder))
+        # As `tandem up` runs them on one machine: the gen worker leaves the encoder a core.
+        # TANDEM_GEN_POOL=threads: concurrent chats reach the continuous batcher together.
+        gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1)),
+                   "TANDEM_GEN_POOL": "threads"}
+        with running_workers({"nlu": dict(os.environ), "gen": gen_env}) as workers:
+            rss = _PeakRss({f"{q}_worker": p.pid for q, p in workers.items()})  # from the start: loading counts
+            rss.start()
+            try:
+                wait_for_queues({"nlu", "gen"})
+                rows = _serving_rows(args, texts)
+            finally:
+                rss.running = False
     save("serving", {"max_tokens": args.max_tokens, "slots": Settings().responder_slots,
                      "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
                      "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})

@@ -70,7 +70,8 @@ class SentenceEncoder:
         the vectors stay interchangeable with fp32 ones (settings.encoder_int8_attention)."""
         names = {name for name, module in self.model.named_modules()
                  if isinstance(module, torch.nn.Linear) and ".attention." in f".{name}."}
-        self._model = torch.ao.quantization.quantize_dynamic(self.model, names, dtype=torch.qint8)
+        # In place: a copy would hold a second encoder in memory while it is made.
+        self._model = torch.ao.quantization.quantize_dynamic(self.model, names, dtype=torch.qint8, inplace=True)
 
     @property
     def model(self) -> torch.nn.Module:
