@@ -45,17 +45,20 @@ def save(name: str, payload: dict) -> None:
     print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def private_redis(prefix: str, **env: str) -> Iterator[Path]:
     """A redis-server of our own on a free port, and a scratch data dir, for this process and
     the workers it starts (through the environment); yields the scratch folder."""
     from workers.redis_server import EmbeddedRedis
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    server = EmbeddedRedis(workdir / "redis", port)
+    server = EmbeddedRedis(workdir / "redis", free_port())
     os.environ.update(TANDEM_REDIS_URL=server.start(), TANDEM_DATA_DIR=str(workdir / "data"), **env)
     try:
         yield workdir

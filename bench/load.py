@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,7 @@ import time
 import httpx
 import psutil
 
-from bench.__main__ import save
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.__main__ import free_port, save
 
 
 async def one_chat(client: httpx.AsyncClient, url: str, message: str) -> dict:

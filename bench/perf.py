@@ -64,6 +64,14 @@ def _ours_nlu(pipeline, texts: list[str], labels: list[str], chunk: int = 64) ->
     return {"tickets_per_s": round(len(texts) / seconds, 1), "accuracy": round(accuracy, 4), "n": len(texts)}
 
 
+def _int8_everywhere(pipeline) -> None:
+    """Dynamic int8 in every Linear layer of the encoder (the variant that loses accuracy)."""
+    import torch
+
+    pipeline.encoder.use_model(torch.ao.quantization.quantize_dynamic(pipeline.encoder.model, {torch.nn.Linear},
+                                                                      dtype=torch.qint8), tag="int8")
+
+
 def bench_nlu(args) -> None:
     import torch
 
@@ -75,9 +83,7 @@ def bench_nlu(args) -> None:
     pipeline = _pipeline(load_responder=False, encoder_int8_attention=False)
     rows["ours_fp32"] = _ours_nlu(pipeline, texts, labels)
     print(rows, flush=True)
-    # int8 everywhere: dynamic quantization of every Linear layer, judged on the full test split below.
-    pipeline.encoder.use_model(torch.ao.quantization.quantize_dynamic(pipeline.encoder.model, {torch.nn.Linear},
-                                                                      dtype=torch.qint8), tag="int8")
+    _int8_everywhere(pipeline)  # judged on the full test split below
     rows["ours_int8"] = _ours_nlu(pipeline, texts, labels)
     print(rows, flush=True)
     del pipeline
@@ -92,8 +98,7 @@ def bench_nlu(args) -> None:
         for name in ("shipped", "fp32", "int8"):
             pipeline = _pipeline(load_responder=False, encoder_int8_attention=name == "shipped")
             if name == "int8":
-                pipeline.encoder.use_model(torch.ao.quantization.quantize_dynamic(
-                    pipeline.encoder.model, {torch.nn.Linear}, dtype=torch.qint8), tag="int8")
+                _int8_everywhere(pipeline)
             accuracy[name] = _ours_nlu(pipeline, all_texts, all_labels)["accuracy"]
     ours, fp32 = rows["ours"]["tickets_per_s"], rows["ours_fp32"]["tickets_per_s"]
     save("nlu", {"what": "classify + retrieve per ticket; ours batches 64 tickets per encoder pass",
@@ -192,10 +197,10 @@ def bench_decode(args) -> None:
         pairs = []
         for _ in range(args.pairs):
             alone = _llama_cpp_alone(llm, prompts[: args.alone_replies], args.max_tokens)
-            single = _engine_run(engine, prompts[: args.alone_replies], 1, args.max_tokens)
-            pairs.append({"llama_cpp_alone": alone["tokens_per_s"], "batcher": single["tokens_per_s"]})
+            one_stream = _engine_run(engine, prompts[: args.alone_replies], 1, args.max_tokens)
+            pairs.append({"llama_cpp_alone": alone["tokens_per_s"], "batcher": one_stream["tokens_per_s"]})
             print(name, "pair", pairs[-1], flush=True)
-        rows = [single]
+        rows = [one_stream]  # the last pair's run is the table's single-stream row
         for level in sorted(set(args.levels) - {1}):
             rows.append(_engine_run(engine, prompts[: max(level * args.rounds, args.alone_replies)], level, args.max_tokens))
             print(name, rows[-1], flush=True)
