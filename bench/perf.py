@@ -180,7 +180,11 @@ def bench_decode(args) -> None:
     threads = args.threads or os.cpu_count()
     n = max(args.levels) * args.rounds
     if args.prompts and args.prompts.is_file():
-        workloads = {name: (prompts * n)[:n] for name, prompts in json.loads(args.prompts.read_text()).items()}
+        try:
+            saved = json.loads(args.prompts.read_text())
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--prompts {args.prompts}: not the JSON that `bench decode --prompts` writes ({exc})") from None
+        workloads = {name: (prompts * n)[:n] for name, prompts in saved.items()}
     else:
         workloads = _prompts(n)
         if args.prompts:
