@@ -21,7 +21,9 @@ def redis_server_binary() -> str:
 
 class EmbeddedRedis:
     def __init__(self, directory: Path, port: int, appendonly: bool = True):
-        self.directory = Path(directory)
+        # Absolute: redis-server changes into --dir before it opens --logfile, so a relative
+        # path (the default data dir, `.tandem`) would name a log file that does not exist.
+        self.directory = Path(directory).resolve()
         self.port = port
         self.appendonly = appendonly
         self.process: subprocess.Popen | None = None
