@@ -37,6 +37,7 @@ bench: install
 	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
 	for b in intents retrieval latency grounding distributed nlu decode e2e serving hardware; do \
 	  HF_HUB_OFFLINE=1 $(PY) -m bench $$b || exit 1; done
+	TANDEM_RESPONDER_Q8_0_ON_CPU=false HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_q4_1
 	HF_HUB_OFFLINE=1 $(PY) -m bench.peft
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load
 	$(PY) -m bench report

@@ -333,6 +333,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", default="serving", help="result name under bench/results/")
     sub.add_parser("hardware")
     sub.add_parser("report")
     args = parser.parse_args()
@@ -341,6 +342,9 @@ def main() -> None:
         # Each in a fresh process: one bench's models and threads must not weigh on the next.
         for name in PERFORMANCE_SUITE:
             subprocess.run([sys.executable, "-m", "bench", name], check=True)
+        # The same serving run on the GGUF as it ships, to weigh the Q8_0 copy the gen worker serves.
+        subprocess.run([sys.executable, "-m", "bench", "serving", "--out", "serving_q4_1"], check=True,
+                       env={**os.environ, "TANDEM_RESPONDER_Q8_0_ON_CPU": "false"})
         subprocess.run([sys.executable, "-m", "bench.peft"], check=True)
         subprocess.run([sys.executable, "-m", "bench", "report"], check=True)
         return

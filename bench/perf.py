@@ -191,9 +191,18 @@ def bench_decode(args) -> None:
             args.prompts.write_text(json.dumps(workloads))
     llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, n_gpu_layers=args.gpu_layers,
                 verbose=False)
-    engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
-                             ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=args.gpu_layers)
-    engine.warm_up()
+    def batcher(q8_0_cache: Path | None) -> LlamaCppBackend:
+        engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
+                                 ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=args.gpu_layers,
+                                 q8_0_cache=q8_0_cache)
+        engine.warm_up()
+        return engine
+
+    # As the gen worker serves it: from a Q8_0 copy on a CPU (settings.responder_q8_0_on_cpu).
+    engine = batcher(settings.data_dir / "models" if settings.responder_q8_0_on_cpu else None)
+    # llama.cpp alone runs the configured file, as a user would; where the batcher serves a copy,
+    # the copy is also weighed against the original through the same batcher.
+    original = batcher(None) if engine.weights_path != settings.responder_model else None
     results = {}
     for name, prompts in workloads.items():
         # llama.cpp alone and one stream through the batcher, in alternation: this machine's
@@ -214,9 +223,28 @@ def bench_decode(args) -> None:
                          "ratios": {"single_over_llama_cpp_alone": round(ratio, 3),
                                     **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
                                        for r in rows}}}
-    save(args.out, {"model": Path(settings.responder_model).name, "threads": threads, "max_tokens": args.max_tokens,
+        if original is not None:
+            results[name]["weights"] = _weights_ab(original, engine, prompts, args)
+    save(args.out, {"model": Path(settings.responder_model).name, "weights": Path(engine.weights_path).name,
+                    "threads": threads, "max_tokens": args.max_tokens,
                     "gpu_layers": args.gpu_layers, "gpu": _gpu_name() if args.gpu_layers else None,
                     "workloads": results})
+
+
+def _weights_ab(original, copy, prompts: list[list[dict]], args) -> dict:
+    """The Q8_0 copy against the original file, same batcher, alternating runs at 1 and at
+    the most streams: tokens/s of each, and the median of the copy-over-original ratios."""
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.pairs):
+        for level in (1, max(args.levels)):
+            replies = prompts[: max(level * args.rounds, args.alone_replies) if level > 1 else args.alone_replies]
+            run = {name: _engine_run(engine, replies, level, args.max_tokens)["tokens_per_s"]
+                   for name, engine in (("original", original), ("q8_0", copy))}
+            runs.setdefault(f"streams_{level}", []).append(run)
+            print("weights", level, run, flush=True)
+    return {key: {"runs": pairs, "q8_0_over_original": round(statistics.median(p["q8_0"] / p["original"]
+                                                                                for p in pairs), 2)}
+            for key, pairs in runs.items()}
 
 
 def _gpu_name() -> str | None:
@@ -343,9 +371,10 @@ def bench_serving(args) -> None:
                 rows = _serving_rows(args, texts)
             finally:
                 rss.running = False
-    save("serving", {"max_tokens": args.max_tokens, "slots": Settings().responder_slots,
-                     "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
-                     "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})
+    save(args.out, {"max_tokens": args.max_tokens, "slots": Settings().responder_slots,
+                    "q8_0_on_cpu": Settings().responder_q8_0_on_cpu,
+                    "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
+                    "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})
 
 
 # ----------------------------------------------------------------------------- hardware

@@ -132,10 +132,19 @@ def performance() -> list[str]:
         out.append(f"**Serving** through Redis and the real workers (nlu + gen with `TANDEM_GEN_POOL=threads`, "
                    f"{serving['slots']} reply slots, {serving['max_tokens']}-token replies), `python -m bench serving` "
                    f"({serving['machine']['date']}):\n")
-        out.append("| concurrent chats | chats | failed | first token p50 | p95 |\n|---|---|---|---|---|")
+        # The same run on the Q4_1 file as it ships, beside the Q8_0 copy the gen worker serves.
+        q4_1 = {row["concurrent_chats"]: row for row in (load("serving_q4_1") or {}).get("rows", [])}
+        extra = " | Q4_1 file: p50 | p95 |" if q4_1 else " |"
+        out.append("| concurrent chats | chats | failed | first token p50 | p95" + extra + "\n|---|---|---|---|---|"
+                   + ("---|---|" if q4_1 else ""))
         for row in serving["rows"]:
+            other = q4_1.get(row["concurrent_chats"])
             out.append(f"| {row['concurrent_chats']} | {row['chats']} | {row['failed']} | {ms(row['first_token_ms_p50'])} "
-                       f"| {ms(row['first_token_ms_p95'])} |")
+                       f"| {ms(row['first_token_ms_p95'])} |" + (f" {ms(other['first_token_ms_p50'])} | "
+                                                                  f"{ms(other['first_token_ms_p95'])} |" if other else ""))
+        if q4_1:
+            out.append(f"\nThe last two columns serve the GGUF as it ships (`TANDEM_RESPONDER_Q8_0_ON_CPU=false python -m bench "
+                       f"serving --out serving_q4_1`, {load('serving_q4_1')['machine']['date']}); the others its Q8_0 copy.")
         rss = serving["peak_rss_mb"]
         out.append(f"\nPeak RSS: gen worker {rss['gen_worker']} MB (limit 1,536), nlu worker {rss['nlu_worker']} MB "
                    "(limit 800).\n")
@@ -178,7 +187,9 @@ def performance() -> list[str]:
 def decode_table(decode: dict) -> list[str]:
     where = (f"all layers on one {decode['gpu']}, {decode['machine']['cores']} CPU cores" if decode.get("gpu")
              else f"{decode['threads']} threads")
-    out = [f"**Decode throughput**, SmolLM2-135M Q4_1, {where}, up to {decode['max_tokens']} tokens per reply, "
+    weights = decode.get("weights", "")
+    served = " served from its Q8_0 copy" if weights.endswith(".q8_0.gguf") else ""
+    out = [f"**Decode throughput**, SmolLM2-135M Q4_1{served}, {where}, up to {decode['max_tokens']} tokens per reply, "
            f"`python -m bench decode{' --gpu-layers -1' if decode.get('gpu') else ''}` ({decode['machine']['date']}). "
            "Aggregate generated tokens/s, prompt prefill included; `short` is the customer's question alone, "
            "`grounded` the pipeline's prompt with the help article:\n",
@@ -195,6 +206,13 @@ def decode_table(decode: dict) -> list[str]:
     how = f"median of {pairs} alternating pairs" if pairs else "one run each"
     out.append(f"\nSingle stream through the batcher against llama.cpp alone ({how}): " + ", ".join(
         f"{name} {w['ratios']['single_over_llama_cpp_alone']:.2f}×" for name, w in decode["workloads"].items()) + ".\n")
+    ab = {name: w["weights"] for name, w in decode["workloads"].items() if "weights" in w}
+    if ab:
+        out.append("The Q8_0 copy against the Q4_1 file, same batcher, alternating runs (median ratio of "
+                   "aggregate tokens/s): " + "; ".join(
+                       f"{name} " + ", ".join(f"{key.split('_')[1]} stream{'s' if key != 'streams_1' else ''} "
+                                              f"{v['q8_0_over_original']:.2f}×" for key, v in runs.items())
+                       for name, runs in ab.items()) + ".\n")
     return out
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
-from pipeline.errors import ResponderError
+from pipeline.errors import ModelLoadError, ResponderError
 from pipeline.knowledge import Passage
-from pipeline.llama_cpp_backend import LlamaCppBackend
+from pipeline.llama_cpp_backend import LlamaCppBackend, q8_0_copy
 from pipeline.responder import GenerationLimits, build_messages
 
 from ..helpers import wait_until
@@ -174,3 +175,54 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     assert used == {1, 2}
     decoding = [[seq for i, seq in enumerate(fed) if i == 0 or seq != fed[i - 1]] for fed in steps]
     assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
+
+
+def _file_type(path: str) -> int:
+    from llama_cpp import _internals
+
+    params = _internals.LlamaModel.default_params()
+    params.vocab_only = True
+    model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+    try:
+        return int(model.metadata()["general.file_type"])
+    finally:
+        model.close()
+
+
+def test_a_4_bit_gguf_is_served_from_a_q8_0_copy_made_once(settings, tmp_path):
+    assert _file_type(settings.responder_model) == 3  # the bundled file is Q4_1
+    copy = q8_0_copy(settings.responder_model, tmp_path)
+    assert copy.startswith(str(tmp_path)) and copy.endswith(".q8_0.gguf")
+    assert _file_type(copy) == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    made = os.stat(copy).st_mtime_ns
+    assert q8_0_copy(settings.responder_model, tmp_path) == copy
+    assert os.stat(copy).st_mtime_ns == made, "the second call reuses the copy"
+    assert q8_0_copy(copy, tmp_path / "other") == copy, "an 8-bit file is served as it is"
+    assert not (tmp_path / "other").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(copy)], "no partial file left behind"
+
+
+def test_the_q8_0_copy_replies_with_the_same_facts(settings, solo, tmp_path):
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512, q8_0_cache=tmp_path)
+    engine.warm_up()
+    assert engine.weights_path.endswith(".q8_0.gguf")
+    assert _same_replies(["".join(engine.stream(p, LIMITS)) for p in PROMPTS], solo)
+
+
+def test_without_a_writable_cache_the_original_file_is_served(settings, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING"):
+        assert q8_0_copy(settings.responder_model, blocked / "models") == settings.responder_model
+    assert "as it is" in caplog.text
+
+
+def test_a_gpu_engine_serves_the_file_as_it_is(settings, tmp_path):
+    assert LlamaCppBackend(settings.responder_model, gpu_layers=-1, q8_0_cache=tmp_path).q8_0_cache is None
+
+
+def test_a_corrupt_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="cannot load GGUF"):
+        q8_0_copy(str(bad), tmp_path / "models")

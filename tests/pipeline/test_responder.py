@@ -16,6 +16,7 @@ from pipeline.responder import (
     TransformersBackend,
     _stop_position,
     build_messages,
+    make_backend,
 )
 
 from ..helpers import free_port, wait_until
@@ -59,6 +60,14 @@ def test_llama_cpp_streams_pieces(llama):
 def test_llama_cpp_enforces_the_timeout(llama):
     with pytest.raises(ResponderError, match="timed out"):
         list(llama.stream(MESSAGES, GenerationLimits(max_tokens=200, timeout_s=0.0)))
+
+
+def test_the_q8_0_setting_reaches_the_backend_and_the_reply_cache_key(settings):
+    on = make_backend(settings)
+    off = make_backend(settings.model_copy(update={"responder_q8_0_on_cpu": False}))
+    assert on.q8_0_cache == settings.data_dir / "models" and off.q8_0_cache is None
+    # Replies cached from one must not be served for the other.
+    assert Responder(on, LIMITS).identity != Responder(off, LIMITS).identity
 
 
 def test_missing_gguf_is_a_clear_error(tmp_path):
