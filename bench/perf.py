@@ -423,9 +423,12 @@ def bench_hardware(args) -> None:
     from llama_cpp import _internals
 
     decode = json.loads((RESULTS / "decode.json").read_text()) if (RESULTS / "decode.json").is_file() else None
-    model_bytes = Path(Settings().responder_model).stat().st_size
-    gguf = _internals.LlamaModel(path_model=Settings().responder_model, params=_internals.LlamaModel.default_params(),
-                                 verbose=False)
+    # The weights bench decode served: the configured file, or its Q8_0 copy under data_dir.
+    served = Path(Settings().responder_model)
+    if decode and decode.get("weights", served.name) != served.name:
+        served = Settings().data_dir / "models" / decode["weights"]
+    model_bytes = served.stat().st_size
+    gguf = _internals.LlamaModel(path_model=str(served), params=_internals.LlamaModel.default_params(), verbose=False)
     decoder_params = gguf.n_params()
     decode_rows = []
     if decode:
@@ -446,7 +449,7 @@ def bench_hardware(args) -> None:
         "encoder": {"sentences_per_s": round(len(texts) / seconds, 1), "tokens_per_s": round(tokens / seconds),
                     "gflops": round(encoder_flops / 1e9, 1), "of_gemm_peak": round(encoder_flops / gemm_flops, 3),
                     "mean_tokens": round(mean_len, 1)},
-        "decode": {"model_bytes_mb": round(model_bytes / 2**20, 1), "params": decoder_params,
+        "decode": {"weights": served.name, "model_bytes_mb": round(model_bytes / 2**20, 1), "params": decoder_params,
                    # tokens/s if every FLOP ran at the GEMM peak: the compute ceiling of any batching
                    "compute_ceiling_tokens_per_s": round(gemm_flops / (2 * decoder_params)), "rows": decode_rows},
         "machine_note": machine()["cpu"],

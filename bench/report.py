@@ -158,7 +158,8 @@ def performance() -> list[str]:
                    f"{e['mean_tokens']} tokens each).")
         if hardware["decode"]["rows"]:
             d = hardware["decode"]
-            out.append(f"\nThe decoder has {d['params'] / 1e6:.0f} M parameters ({d['model_bytes_mb']} MB as Q4_1): at the "
+            kind = "Q8_0 copy" if d.get("weights", "").endswith(".q8_0.gguf") else "Q4_1"
+            out.append(f"\nThe decoder has {d['params'] / 1e6:.0f} M parameters ({d['model_bytes_mb']} MB as its {kind}): at the "
                        f"GEMM peak, no batching could pass {d['compute_ceiling_tokens_per_s']} tokens/s on this machine.\n")
             out.append("| decode streams (short prompts) | generated tokens/s | GFLOP/s on them (prefill not counted) | of GEMM peak "
                        "| weight bytes per token | of memory bandwidth |"

@@ -20,7 +20,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,21 @@ class _Chunk:
     text: str
 
 
+@contextmanager
+def _one_openmp_thread() -> Iterator[None]:
+    """FAISS on one OpenMP thread in the calling thread (the setting is per thread).
+
+    One query is too little work to split, and FAISS's threads would fight torch's, which
+    spin for a while after each encoder batch. In a profiling run (2 cores, 2026-11-22)
+    retrieval took 0.2 ms a message instead of 0.9, and NLU ran 1.13x faster."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 class KnowledgeIndex:
     """FAISS vectors plus the passages and articles they point to."""
 
@@ -306,7 +322,8 @@ class KnowledgeIndex:
                       else faiss.SearchParameters(sel=selector))
         # Several vectors can point at one passage: over-fetch, keep each passage's best score.
         fetch = min(self._faiss.ntotal, max(4 * k, k + 16))
-        scores, ids = self._faiss.search(query, fetch, params=params)
+        with _one_openmp_thread():
+            scores, ids = self._faiss.search(query, fetch, params=params)
         best: dict[int, float] = {}
         for score, vector_id in zip(scores[0].tolist(), ids[0].tolist()):
             if vector_id < 0:

@@ -118,6 +118,29 @@ def test_intent_filter_keeps_only_tagged_articles():
     assert index.search(fake_embed(["q"])[0], k=3, intents=["unknown"]) == []
 
 
+def test_a_search_runs_faiss_on_one_thread_and_leaves_the_setting_as_it_was(monkeypatch):
+    import faiss
+
+    index = KnowledgeIndex(dim=8, encoder="fake")
+    index.upsert([make_article(i) for i in range(5)], fake_embed)
+    inside: list[int] = []
+    search = index._faiss.search
+
+    def recording_search(*args, **kwargs):
+        inside.append(faiss.omp_get_max_threads())
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(index._faiss, "search", recording_search)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        assert len(index.search(fake_embed(["q"])[0], k=3)) == 3
+        assert inside == [1]
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_switches_to_ivf_past_the_threshold_and_still_updates(tmp_path):
     index = KnowledgeIndex(dim=8, encoder="fake", exact_max=50)
     index.upsert([make_article(i) for i in range(40)], fake_embed)
