@@ -125,7 +125,7 @@ async def run(args) -> None:
     def pct(values, q):
         return round(values[min(len(values) - 1, int(q * len(values)))], 1) if values else None
 
-    save("load", {
+    save(args.out, {
         "clients": args.clients, "seconds": args.seconds, "wall_seconds": round(elapsed, 1),
         "chats": len(results), "errors": len(results) - len(ok),
         "error_samples": [r["error"] for r in results if "error" in r][:5],
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--url", help="a running API (default: start `tandem up` on private ports)")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--out", default="load", help="result name under bench/results/")
     asyncio.run(run(parser.parse_args()))
 
 

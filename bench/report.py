@@ -76,6 +76,12 @@ def main() -> None:
                    f"{r['seconds']} s against `tandem up`: {r['chats']} chats, {r['errors']} errors, {r['truncated']} "
                    f"truncated, {r['interleaved']} interleaved; first token p50 {r['first_token_ms_p50']} ms, p95 "
                    f"{r['first_token_ms_p95']} ms; {r['chunks_per_s']} streamed chunks/s in all. {r['note']}.")
+        threads = load("load_threads")
+        if threads:
+            out.append(f"With `TANDEM_GEN_POOL=threads` (`python -m bench.load --out load_threads`, "
+                       f"{threads['machine']['date']}): {threads['chats']} chats, {threads['errors']} errors, first token "
+                       f"p50 {threads['first_token_ms_p50']} ms, p95 {threads['first_token_ms_p95']} ms; "
+                       f"{threads['chunks_per_s']} streamed chunks/s.")
         samples = [(m["t"], sum(m["rss_mb"].values())) for m in r.get("memory_samples", [])]
         if len(samples) > 2:
             out.append(f"Memory of `tandem up` and its children: {samples[1][1]:.0f} MB at {samples[1][0]} s, "
