@@ -1,0 +1,29 @@
+"""The report's decode block: which weights were served, and the Q8_0 copy against the file."""
+
+from __future__ import annotations
+
+from bench.report import decode_table
+
+
+def _decode(weights: str, with_ab: bool) -> dict:
+    workload = {"pairs": [{"llama_cpp_alone": 80.0, "batcher": 88.0}],
+                "rows": [{"streams": 1, "tokens_per_s": 88.0, "first_token_ms_p50": 70.0},
+                         {"streams": 16, "tokens_per_s": 150.0, "first_token_ms_p50": 300.0}],
+                "ratios": {"single_over_llama_cpp_alone": 1.1}}
+    if with_ab:
+        workload["weights"] = {"streams_1": {"runs": [], "q8_0_over_original": 0.94},
+                               "streams_16": {"runs": [], "q8_0_over_original": 1.22}}
+    return {"weights": weights, "threads": 2, "max_tokens": 64, "machine": {"date": "2026-11-22 20:23 UTC", "cores": 2},
+            "workloads": {"short": workload}}
+
+
+def test_the_decode_block_names_the_q8_0_copy_and_its_gain():
+    text = "\n".join(decode_table(_decode("SmolLM2.Q4_1.abc.q8_0.gguf", with_ab=True)))
+    assert "served from its Q8_0 copy" in text
+    assert "short 1 stream 0.94×, 16 streams 1.22×" in text
+    assert "| short | 16 | 150.0 | 1.70× |" in text
+
+
+def test_a_file_served_as_it_is_gets_no_copy_line():
+    text = "\n".join(decode_table(_decode("SmolLM2.Q4_1.gguf", with_ab=False)))
+    assert "Q8_0" not in text
