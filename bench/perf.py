@@ -161,10 +161,13 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
 
 def _llama_cpp_alone(llm, prompts: list[list[dict]], max_tokens: int) -> dict:
     """llama.cpp on its own, through its high-level API: one reply after another, same sampling."""
+    from pipeline.responder import GenerationLimits
+
     llm.create_chat_completion(messages=prompts[-1], max_tokens=4)
     tokens, started = 0, time.perf_counter()
     for prompt in prompts:
-        out = llm.create_chat_completion(messages=prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.15)
+        out = llm.create_chat_completion(messages=prompt, max_tokens=max_tokens, temperature=0.0,
+                                         repeat_penalty=GenerationLimits().repeat_penalty)
         tokens += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - started
     return {"replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}

@@ -131,7 +131,8 @@ class HybridPipeline:
         if settings.encoder_int8_attention and settings.encoder_device == "cpu" and classifier.method == "head":
             encoder.quantize_attention()  # measured for the head-only model only
         index = load_or_build_index(settings, encoder, progress)
-        limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s)
+        limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s,
+                                  settings.repeat_penalty)
         responder = Responder(make_backend(settings), limits, settings.max_passages_in_prompt)
         encoder.encode(["warm up"])  # the first forward pass pays one-off setup; keep it off the first request
         if load_responder:

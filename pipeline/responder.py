@@ -33,7 +33,7 @@ class GenerationLimits:
     temperature: float = 0.0
     stop: list[str] = field(default_factory=list)
     timeout_s: float = 60.0
-    repeat_penalty: float = 1.15
+    repeat_penalty: float = 1.0  # settings.repeat_penalty says why 1.0
 
 
 def build_messages(message: str, intent: str, passages: list[Passage], history: list[dict] | None = None,
@@ -215,4 +215,4 @@ class Responder:
         if getattr(self.backend, "q8_0_cache", None) is not None:
             model = f"{model}:q8_0"
         return json.dumps([self.backend.name, os.path.basename(str(model)), self.limits.max_tokens,
-                           self.limits.temperature, self.limits.stop, self.max_passages])
+                           self.limits.temperature, self.limits.stop, self.max_passages, self.limits.repeat_penalty])

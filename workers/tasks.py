@@ -131,7 +131,7 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         base = pipeline.responder.limits
         generation = GenerationLimits(max_tokens=min(int(limits.get("max_tokens") or base.max_tokens), base.max_tokens * 4),
                                       temperature=float(limits.get("temperature", base.temperature)), stop=base.stop,
-                                      timeout_s=base.timeout_s)
+                                      timeout_s=base.timeout_s, repeat_penalty=base.repeat_penalty)
         use_cache = False
     # A reply that depends on earlier turns is not reusable for the same message elsewhere.
     cached = cache.get(key) if use_cache and not history else None

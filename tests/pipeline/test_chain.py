@@ -23,6 +23,12 @@ def test_control_characters_are_dropped():
     assert clean_message("hi\x00 there\x1b", 100) == "hi there"
 
 
+def test_the_generation_settings_reach_the_responder(pipeline, settings):
+    limits = pipeline.responder.limits
+    assert (limits.max_tokens, limits.temperature, limits.stop, limits.timeout_s, limits.repeat_penalty) == (
+        settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s, settings.repeat_penalty)
+
+
 def test_lost_card_streams_a_grounded_reply(pipeline):
     events = list(pipeline.stream("I lost my card"))
     assert isinstance(events[0], Meta) and isinstance(events[-1], Done)

@@ -68,6 +68,8 @@ def test_the_q8_0_setting_reaches_the_backend_and_the_reply_cache_key(settings):
     assert on.q8_0_cache == settings.data_dir / "models" and off.q8_0_cache is None
     # Replies cached from one must not be served for the other.
     assert Responder(on, LIMITS).identity != Responder(off, LIMITS).identity
+    penalised = GenerationLimits(max_tokens=24, temperature=0.0, stop=["\nCustomer:"], timeout_s=60, repeat_penalty=1.15)
+    assert Responder(on, LIMITS).identity != Responder(on, penalised).identity
 
 
 def test_missing_gguf_is_a_clear_error(tmp_path):

@@ -138,6 +138,7 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_RESPONDER_GPU_LAYERS", "-2", "TANDEM_RESPONDER_GPU_LAYERS: Input should be greater than or equal to -1"),
     ("TANDEM_ENCODER_INT8_ATTENTION", "sometimes", "TANDEM_ENCODER_INT8_ATTENTION: Input should be a valid boolean"),
     ("TANDEM_RESPONDER_Q8_0_ON_CPU", "maybe", "TANDEM_RESPONDER_Q8_0_ON_CPU: Input should be a valid boolean"),
+    ("TANDEM_REPEAT_PENALTY", "0.5", "TANDEM_REPEAT_PENALTY: Input should be greater than or equal to 1"),
 ])
 def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
