@@ -212,13 +212,13 @@ def bench_decode(args) -> None:
         # speed drifts by tens of percent within minutes, so back-to-back pairs compare fairly.
         pairs = []
         for _ in range(args.pairs):
-            alone = _llama_cpp_alone(llm, prompts[: args.alone_replies], args.max_tokens)
-            one_stream = _engine_run(engine, prompts[: args.alone_replies], 1, args.max_tokens)
+            alone = _llama_cpp_alone(llm, _replies(prompts, 1, args), args.max_tokens)
+            one_stream = _engine_run(engine, _replies(prompts, 1, args), 1, args.max_tokens)
             pairs.append({"llama_cpp_alone": alone["tokens_per_s"], "batcher": one_stream["tokens_per_s"]})
             print(name, "pair", pairs[-1], flush=True)
         rows = [one_stream]  # the last pair's run is the table's single-stream row
         for level in sorted(set(args.levels) - {1}):
-            rows.append(_engine_run(engine, prompts[: max(level * args.rounds, args.alone_replies)], level, args.max_tokens))
+            rows.append(_engine_run(engine, _replies(prompts, level, args), level, args.max_tokens))
             print(name, rows[-1], flush=True)
         ratio = statistics.median(p["batcher"] / p["llama_cpp_alone"] for p in pairs)
         single = rows[0]["tokens_per_s"]
@@ -234,14 +234,19 @@ def bench_decode(args) -> None:
                     "workloads": results})
 
 
+def _replies(prompts: list[list[dict]], level: int, args) -> list[list[dict]]:
+    """The prompts a run at ``level`` streams decodes: ``alone_replies`` for one stream, else
+    ``rounds`` per stream (at least ``alone_replies``)."""
+    return prompts[: args.alone_replies if level == 1 else max(level * args.rounds, args.alone_replies)]
+
+
 def _weights_ab(original, copy, prompts: list[list[dict]], args) -> dict:
     """The Q8_0 copy against the original file, same batcher, alternating runs at 1 and at
     the most streams: tokens/s of each, and the median of the copy-over-original ratios."""
     runs: dict[str, list[dict]] = {}
     for _ in range(args.pairs):
         for level in (1, max(args.levels)):
-            replies = prompts[: max(level * args.rounds, args.alone_replies) if level > 1 else args.alone_replies]
-            run = {name: _engine_run(engine, replies, level, args.max_tokens)["tokens_per_s"]
+            run = {name: _engine_run(engine, _replies(prompts, level, args), level, args.max_tokens)["tokens_per_s"]
                    for name, engine in (("original", original), ("q8_0", copy))}
             runs.setdefault(f"streams_{level}", []).append(run)
             print("weights", level, run, flush=True)

@@ -43,6 +43,22 @@ _EIGHT_BITS_OR_MORE = {0, 1, 7, 32}
 log = logging.getLogger(__name__)
 
 
+def gguf_file_type(model_path: str) -> int:
+    """The file's ``general.file_type`` (llama.h LLAMA_FTYPE_*), -1 when it names none."""
+    from llama_cpp import _internals
+
+    params = _internals.LlamaModel.default_params()
+    params.vocab_only = True  # the header and vocabulary: enough to read the file type
+    try:
+        probe = _internals.LlamaModel(path_model=model_path, params=params, verbose=False)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load GGUF {model_path!r}: {exc}") from None
+    try:
+        return int(probe.metadata().get("general.file_type", -1))
+    finally:
+        probe.close()
+
+
 def q8_0_copy(model_path: str, cache_dir: Path, threads: int = 0) -> str:
     """The GGUF with its weights re-encoded as Q8_0, made once and kept in ``cache_dir``.
 
@@ -53,18 +69,8 @@ def q8_0_copy(model_path: str, cache_dir: Path, threads: int = 0) -> str:
     prompts) and 1.43x (grounded), one grounded stream 1.25x. Where the copy cannot be
     made, the original is served and a warning logged."""
     import llama_cpp
-    from llama_cpp import _internals
 
-    params = _internals.LlamaModel.default_params()
-    params.vocab_only = True  # the header and vocabulary: enough to read the file type
-    try:
-        probe = _internals.LlamaModel(path_model=model_path, params=params, verbose=False)
-    except ValueError as exc:
-        raise ModelLoadError(f"cannot load GGUF {model_path!r}: {exc}") from None
-    try:
-        file_type = int(probe.metadata().get("general.file_type", -1))
-    finally:
-        probe.close()
+    file_type = gguf_file_type(model_path)
     if file_type in _EIGHT_BITS_OR_MORE or file_type < 0:
         return model_path
     source = Path(model_path).resolve()

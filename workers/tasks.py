@@ -6,6 +6,7 @@ Tasks take and return small JSON: texts, ids, intents, passages; never tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -20,7 +21,6 @@ from celery.signals import worker_init
 
 from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding, clean_message
 from pipeline.errors import TandemError
-from pipeline.responder import GenerationLimits
 from pipeline.settings import Settings
 from workers.app import app
 from workers.streams import ConversationMemory, ReplyCache, ReplyStream, connect
@@ -129,9 +129,9 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
     generation = None
     if limits:  # per-request max_tokens / temperature; such replies are not cached
         base = pipeline.responder.limits
-        generation = GenerationLimits(max_tokens=min(int(limits.get("max_tokens") or base.max_tokens), base.max_tokens * 4),
-                                      temperature=float(limits.get("temperature", base.temperature)), stop=base.stop,
-                                      timeout_s=base.timeout_s, repeat_penalty=base.repeat_penalty)
+        generation = dataclasses.replace(
+            base, max_tokens=min(int(limits.get("max_tokens") or base.max_tokens), base.max_tokens * 4),
+            temperature=float(limits.get("temperature", base.temperature)))
         use_cache = False
     # A reply that depends on earlier turns is not reusable for the same message elsewhere.
     cached = cache.get(key) if use_cache and not history else None

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import ModelLoadError, ResponderError
 from pipeline.knowledge import Passage
-from pipeline.llama_cpp_backend import LlamaCppBackend, q8_0_copy
+from pipeline.llama_cpp_backend import LlamaCppBackend, gguf_file_type, q8_0_copy
 from pipeline.responder import GenerationLimits, build_messages
 
 from ..helpers import wait_until
@@ -177,23 +177,11 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
 
 
-def _file_type(path: str) -> int:
-    from llama_cpp import _internals
-
-    params = _internals.LlamaModel.default_params()
-    params.vocab_only = True
-    model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
-    try:
-        return int(model.metadata()["general.file_type"])
-    finally:
-        model.close()
-
-
 def test_a_4_bit_gguf_is_served_from_a_q8_0_copy_made_once(settings, tmp_path):
-    assert _file_type(settings.responder_model) == 3  # the bundled file is Q4_1
+    assert gguf_file_type(settings.responder_model) == 3  # the bundled file is Q4_1
     copy = q8_0_copy(settings.responder_model, tmp_path)
     assert copy.startswith(str(tmp_path)) and copy.endswith(".q8_0.gguf")
-    assert _file_type(copy) == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert gguf_file_type(copy) == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
     made = os.stat(copy).st_mtime_ns
     assert q8_0_copy(settings.responder_model, tmp_path) == copy
     assert os.stat(copy).st_mtime_ns == made, "the second call reuses the copy"
