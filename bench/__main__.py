@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -43,6 +44,14 @@ def save(name: str, payload: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False))
     summary = {k: v for k, v in payload.items() if k != "rows"}
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def result_name(value: str) -> str:
+    """``--out``: a file name under bench/results/, checked before a long run rather than after it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) or value.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{value!r}: a plain name such as serving_q4_1 (letters, digits, _ . -; "
+                                         "no folder, no .json)")
+    return value
 
 
 def free_port() -> int:
@@ -324,7 +333,7 @@ def main() -> None:
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSON of the prompt workloads: read if it exists, else written (lets a GPU host without "
                         "the BERT side run the same prompts)")
-    p.add_argument("--out", default="decode", help="result name under bench/results/")
+    p.add_argument("--out", type=result_name, default="decode", help="result name under bench/results/")
     p = sub.add_parser("e2e")
     p.add_argument("--tickets", type=int, default=64)
     p.add_argument("--peer-tickets", type=int, default=8)
@@ -333,7 +342,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--out", default="serving", help="result name under bench/results/")
+    p.add_argument("--out", type=result_name, default="serving", help="result name under bench/results/")
     sub.add_parser("hardware")
     sub.add_parser("report")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ import time
 import httpx
 import psutil
 
-from bench.__main__ import free_port, save
+from bench.__main__ import free_port, result_name, save
 
 
 async def one_chat(client: httpx.AsyncClient, url: str, message: str) -> dict:
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--url", help="a running API (default: start `tandem up` on private ports)")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=int, default=60)
-    parser.add_argument("--out", default="load", help="result name under bench/results/")
+    parser.add_argument("--out", type=result_name, default="load", help="result name under bench/results/")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -1,10 +1,12 @@
-"""`python -m bench decode`'s input: a prompts file it did not write is a clear error."""
+"""Bench inputs: a prompts file bench decode did not write, and a result name that is no plain name."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_a_malformed_prompts_file_is_a_clear_error(tmp_path):
@@ -15,4 +17,15 @@ def test_a_malformed_prompts_file_is_a_clear_error(tmp_path):
     stderr = result.stderr.decode()
     assert result.returncode != 0
     assert f"--prompts {bad}: not the JSON that `bench decode --prompts` writes" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("command", [["bench", "decode"], ["bench", "serving"], ["bench.load"]])
+@pytest.mark.parametrize("name", ["../elsewhere", "sub/dir", "serving.json", ""])
+def test_a_result_name_that_is_not_a_plain_name_is_refused_before_the_run(command, name):
+    result = subprocess.run([sys.executable, "-m", *command, "--out", name], capture_output=True, timeout=120,
+                            cwd=Path(__file__).parents[2])
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "a plain name such as serving_q4_1" in stderr
     assert "Traceback" not in stderr
