@@ -47,11 +47,12 @@ def main() -> None:
         out.append(f"**Grounding**, {grounding['questions']} questions with key facts (`pipeline/data/eval/grounding.jsonl`), "
                    "`python -m bench grounding`:\n")
         out.append("| backend | key-fact recall before guard | after guard | replies with an unsupported number before | after "
-                   "| replaced by the guard | measured |\n|---|---|---|---|---|---|---|")
+                   "| replaced by the guard | completed by the guard | measured |\n|---|---|---|---|---|---|---|---|")
         for backend, r in grounding["backends"].items():
             out.append(f"| {backend} | {pct(r['key_fact_recall_before_guard'])} | {pct(r['key_fact_recall_after_guard'])} "
                        f"| {pct(r['unsupported_number_rate_before_guard'])} | {pct(r['unsupported_number_rate_after_guard'])} "
-                       f"| {pct(r['guard_replaced'])} | {r.get('measured', grounding['machine']['date'])} |")
+                       f"| {pct(r['guard_replaced'])} | {pct(r['guard_completed']) if 'guard_completed' in r else 'n/a'} "
+                       f"| {r.get('measured', grounding['machine']['date'])} |")
         out.append("")
     latency = load("latency")
     if latency:

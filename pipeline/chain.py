@@ -78,6 +78,7 @@ class Meta:
 @dataclass
 class Token:
     text: str
+    from_guard: bool = False  # help-centre sentences the guard appended, not generated text
 
 
 @dataclass
@@ -137,8 +138,8 @@ class HybridPipeline:
         encoder.encode(["warm up"])  # the first forward pass pays one-off setup; keep it off the first request
         if load_responder:
             responder.warm_up()
-        return cls(encoder, classifier, index, responder, GroundingGuard(encoder.embed, settings.guard_similarity),
-                   settings)
+        return cls(encoder, classifier, index, responder, GroundingGuard(encoder.embed, settings.guard_similarity,
+                                                                    settings.guard_complete_sentences), settings)
 
     # ------------------------------------------------------------------ BERT side
     def understand(self, messages: list[str | bytes]) -> list[Understanding]:
@@ -219,12 +220,18 @@ class HybridPipeline:
                 yield Token(piece)
             timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
             guard_started = time.perf_counter()
-            reply = "".join(pieces).strip()
+            draft = "".join(pieces)
+            reply = draft.strip()
             shown = understanding.passages[: self.responder.max_passages]
             verdict = self.guard.check(reply, shown)
             if not verdict.supported:
                 reply = self.guard.extractive_answer(understanding.message, shown)
                 grounded = False
+            elif missing := self.guard.missing_sentences(reply, understanding.message, shown):
+                gap = "\n\n"[len(draft) - len(draft.rstrip("\n")):]  # a blank line, counting the draft's own
+                addition = gap + " ".join(missing)
+                yield Token(addition, from_guard=True)
+                reply = (draft + addition).strip()  # what a client that joins the tokens shows
             timings["guard"] = round((time.perf_counter() - guard_started) * 1000, 2)
         timings["total"] = round(sum(v for k, v in timings.items() if k not in {"first_token"}), 2)
         used = understanding.passages[: self.responder.max_passages] if not understanding.escalate else []
@@ -234,6 +241,11 @@ class HybridPipeline:
             reply=reply, grounded=grounded, escalate=understanding.escalate,
             sources=list(dict.fromkeys(p.article_id for p in used)) if not understanding.out_of_scope else [],
             timings_ms=timings))
+
+    @property
+    def reply_identity(self) -> str:
+        """What a cached reply depends on besides the message, its intent and the index."""
+        return f"{self.responder.identity}|{self.guard.identity}"
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

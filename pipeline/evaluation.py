@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.chain import Done, HybridPipeline, Token
-from pipeline.guard import numbers_in
+from pipeline.guard import unsupported_numbers
 
 _TRANSLATE = str.maketrans({"–": "-", "—": "-", "’": "'", "‘": "'", "“": '"', "”": '"', "→": ">"})
 
@@ -51,13 +51,13 @@ def retrieval_recall(pipeline: HybridPipeline, texts: list[str], labels: list[st
 def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
                    progress: Callable[[int], None] | None = None) -> dict:
     """Key-fact recall and unsupported-number rate of the draft (before the guard) and the
-    final reply (after it)."""
+    final reply (after it: replaced, completed with passage sentences, or as drafted)."""
     rows = []
     for n, question in enumerate(questions, 1):
         draft = []
         result = None
         for event in pipeline.stream(question["question"]):
-            if isinstance(event, Token):
+            if isinstance(event, Token) and not event.from_guard:
                 draft.append(event.text)
             elif isinstance(event, Done):
                 result = event.result
@@ -68,9 +68,10 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
             "retrieved_ok": question["article_id"] in result.sources,
             "draft_recall": key_fact_recall(draft_text, question["key_facts"]),
             "final_recall": key_fact_recall(result.reply, question["key_facts"]),
-            "draft_unsupported": sorted(numbers_in(draft_text) - numbers_in(shown)),
-            "final_unsupported": sorted(numbers_in(result.reply) - numbers_in(shown)),
-            "grounded": result.grounded, "draft": draft_text, "reply": result.reply,
+            "draft_unsupported": unsupported_numbers(draft_text, shown),
+            "final_unsupported": unsupported_numbers(result.reply, shown),
+            "grounded": result.grounded, "completed": result.grounded and result.reply != draft_text.strip(),
+            "draft": draft_text, "reply": result.reply,
             "first_token_ms": result.timings_ms.get("first_token"),
         })
         if progress:
@@ -85,5 +86,6 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
         "unsupported_number_rate_before_guard": round(sum(bool(r["draft_unsupported"]) for r in rows) / count, 4),
         "unsupported_number_rate_after_guard": round(sum(bool(r["final_unsupported"]) for r in rows) / count, 4),
         "guard_replaced": round(sum(not r["grounded"] for r in rows) / count, 4),
+        "guard_completed": round(sum(r["completed"] for r in rows) / count, 4),
         "rows": rows,
     }

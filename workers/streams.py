@@ -85,8 +85,9 @@ class ReplyCache:
         self.ttl_s = ttl_s
 
     @staticmethod
-    def key(message: str, intent: str, index_version: str, responder: str) -> str:
-        digest = hashlib.sha256(json.dumps([normalise_message(message), intent, index_version, responder]).encode())
+    def key(message: str, intent: str, index_version: str, identity: str) -> str:
+        """``identity``: the generator and guard settings that shaped the reply."""
+        digest = hashlib.sha256(json.dumps([normalise_message(message), intent, index_version, identity]).encode())
         return f"tandem:cache:{digest.hexdigest()}"
 
     def get(self, key: str) -> dict | None:

@@ -125,7 +125,7 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
     memory = ConversationMemory(client, settings.memory_turns, settings.memory_ttl_s)
     history = [*(memory.history(session_id) if session_id else []), *(history or [])]
     cache = ReplyCache(client, settings.cache_ttl_s)
-    key = ReplyCache.key(u.message, u.intent, pipeline.index.version, pipeline.responder.identity)
+    key = ReplyCache.key(u.message, u.intent, pipeline.index.version, pipeline.reply_identity)
     generation = None
     if limits:  # per-request max_tokens / temperature; such replies are not cached
         base = pipeline.responder.limits

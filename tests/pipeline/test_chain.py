@@ -27,6 +27,8 @@ def test_the_generation_settings_reach_the_responder(pipeline, settings):
     limits = pipeline.responder.limits
     assert (limits.max_tokens, limits.temperature, limits.stop, limits.timeout_s, limits.repeat_penalty) == (
         settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s, settings.repeat_penalty)
+    assert (pipeline.guard.similarity_threshold, pipeline.guard.complete_sentences) == (
+        settings.guard_similarity, settings.guard_complete_sentences)
 
 
 def test_lost_card_streams_a_grounded_reply(pipeline):
@@ -43,6 +45,42 @@ def test_lost_card_streams_a_grounded_reply(pipeline):
     assert {"encode", "classify", "retrieve", "first_token", "generate", "guard", "total"} <= set(result.timings_ms)
     if result.grounded:
         assert result.reply == "".join(t.text for t in tokens).strip()
+
+
+DELIVERY_QUESTION = "How long does card delivery take?"
+
+
+def _stream_with_draft(pipeline, monkeypatch, *pieces: str) -> list:
+    # The generator is replaced by a fixed draft: these test the guard's step, not the model.
+    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: iter(pieces))
+    return list(pipeline.stream(DELIVERY_QUESTION))
+
+
+def test_a_vague_grounded_reply_is_completed_with_the_facts_it_left_out(pipeline, monkeypatch):
+    events = _stream_with_draft(pipeline, monkeypatch, "We will post your new card ", "to your address. ")
+    tokens, result = [e for e in events if isinstance(e, Token)], events[-1].result
+    assert "card-delivery-estimate" in result.sources
+    assert result.grounded and tokens[-1].from_guard and not any(t.from_guard for t in tokens[:-1])
+    draft, added = result.reply.split("\n\n")
+    assert draft.strip() == "We will post your new card to your address."
+    assert "3–5 working days" in added  # the fact the draft left out
+    assert result.reply == "".join(t.text for t in tokens).strip()
+
+
+def test_a_reply_that_already_says_the_facts_is_left_as_drafted(pipeline, monkeypatch):
+    understanding = pipeline.understand([DELIVERY_QUESTION])[0]
+    answer = pipeline.guard.extractive_answer(DELIVERY_QUESTION, understanding.passages[:1])
+    events = _stream_with_draft(pipeline, monkeypatch, answer)
+    assert events[-1].result.reply == answer and events[-1].result.grounded
+    assert not any(isinstance(e, Token) and e.from_guard for e in events)
+
+
+def test_completion_can_be_turned_off(pipeline, monkeypatch):
+    identity = pipeline.reply_identity
+    monkeypatch.setattr(pipeline.guard, "complete_sentences", 0)
+    assert pipeline.reply_identity != identity  # cached completed replies are not served
+    events = _stream_with_draft(pipeline, monkeypatch, "We will post your new card to your address.")
+    assert events[-1].result.reply == "We will post your new card to your address."
 
 
 def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monkeypatch):

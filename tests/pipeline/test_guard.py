@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.guard import GroundingGuard, numbers_in, sentences
+from pipeline.guard import GroundingGuard, durations_in, numbers_in, sentences, unsupported_numbers
 from pipeline.knowledge import Passage
 
 
@@ -12,6 +12,24 @@ def passage(text: str) -> Passage:
 def test_numbers_are_normalised():
     assert numbers_in("£1,000.50 within 3–5 days, 0.5%") == {"1000.50", "3", "5", "0.5"}
     assert numbers_in("no digits") == set()
+
+
+def test_durations_are_read_with_their_ranges():
+    assert durations_in("3–5 working days, 2 hours, 1 to 2 weeks; 3. Tap Cards") == {
+        ("3", "5", "day"), ("2", "", "hour"), ("1", "2", "week")}
+
+
+@pytest.mark.parametrize("reply, unsupported", [
+    ("It arrives in 3 days.", ["3 days"]),  # the passage says 3–5: the draft understates it
+    ("It arrives in 3 to 5 days.", []),
+    ("It can take up to 5 working days.", []),
+    ("It arrives in 4–5 days.", ["4", "4–5 days"]),
+    ("Most arrive within 2 hours.", []),
+    ("Most arrive within 2 days.", ["2 days"]),
+])
+def test_a_duration_must_be_one_the_passage_gives(reply, unsupported):
+    source = "Standard delivery takes 3–5 working days. Transfers arrive within 2 hours. 3. Tap Cards."
+    assert unsupported_numbers(reply, source) == unsupported
 
 
 def test_sentences_skip_headings_and_fragments():
@@ -38,6 +56,11 @@ def test_invented_number_fails(guard):
     assert not verdict.supported and verdict.unsupported_numbers == ["12"]
 
 
+def test_misstated_duration_fails(guard):
+    verdict = guard.check("A replacement card costs £5 and arrives in 3 days.", PASSAGES)
+    assert not verdict.supported and verdict.unsupported_numbers == ["3 days"]
+
+
 def test_unrelated_sentence_fails(guard):
     verdict = guard.check("Our headquarters has a lovely rooftop garden with tomatoes.", PASSAGES)
     assert not verdict.supported and verdict.min_similarity < 0.45
@@ -53,6 +76,27 @@ def test_extractive_answer_quotes_the_passages(guard):
                       "Standard delivery takes 3–5 working days in the UK."}
     assert guard.check(answer, PASSAGES).supported
     assert guard.extractive_answer("anything", []) == ""
+
+
+DELIVERY = [passage("A replacement card costs £5. Express delivery takes 1–2 working days. "
+                    "Our cards are made from recycled plastic.")]
+
+
+def test_missing_sentences_are_the_closest_ones_the_reply_leaves_out(encoder):
+    guard = GroundingGuard(encoder.embed, complete_sentences=1)
+    question = "How fast is express delivery?"
+    assert guard.missing_sentences("We can send it to you quickly.", question, DELIVERY) == \
+        ["Express delivery takes 1–2 working days."]
+    assert guard.missing_sentences("Express delivery takes 1 to 2 working days.", question, DELIVERY) == []
+    assert GroundingGuard(encoder.embed, complete_sentences=2).missing_sentences(
+        "Express delivery takes 1–2 working days.", question, DELIVERY) == ["A replacement card costs £5."]
+    assert GroundingGuard(encoder.embed, complete_sentences=0).missing_sentences("Hi there friend.", question,
+                                                                                 DELIVERY) == []
+
+
+def test_guard_identity_names_what_changes_a_reply(encoder):
+    assert GroundingGuard(encoder.embed, 0.45, 3).identity != GroundingGuard(encoder.embed, 0.45, 0).identity
+    assert GroundingGuard(encoder.embed, 0.45, 3).identity != GroundingGuard(encoder.embed, 0.5, 3).identity
 
 
 def test_guard_uses_the_embedder_it_is_given():
