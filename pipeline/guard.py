@@ -12,6 +12,8 @@ generator often answers vaguely ("a small fee that can vary") where the article 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +72,10 @@ class GuardVerdict:
 class GroundingGuard:
     def __init__(self, embed: Embed, similarity_threshold: float = 0.45, complete_sentences: int = 3):
         self.embed = embed
+        # Passage sentences come back reply after reply (and twice within one); each is
+        # embedded once, then read from here.
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         self.similarity_threshold = similarity_threshold
         self.complete_sentences = complete_sentences
 
@@ -85,12 +91,25 @@ class GroundingGuard:
         passage_sentences = sentences(source)
         min_similarity = None
         if reply_sentences and passage_sentences:
-            vectors = self.embed(reply_sentences + passage_sentences)
+            vectors = self._embed(reply_sentences + passage_sentences)
             similarity = vectors[: len(reply_sentences)] @ vectors[len(reply_sentences):].T
             min_similarity = round(float(similarity.max(axis=1).min()), 4)
         supported = (bool(reply.strip()) and not unsupported and
                      (min_similarity is None or min_similarity >= self.similarity_threshold))
         return GuardVerdict(supported, unsupported, min_similarity)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        fresh = dict(zip(missing, self.embed(missing))) if missing else {}
+        with self._lock:
+            vectors = np.stack([fresh[t] if t in fresh else self._vectors[t] for t in texts])
+            self._vectors.update(fresh)
+            for text in texts:
+                self._vectors.move_to_end(text)
+            while len(self._vectors) > 8192:
+                self._vectors.popitem(last=False)
+        return vectors
 
     def extractive_answer(self, question: str, passages: list[Passage], max_sentences: int = 3) -> str:
         """The passage sentences closest to the question, in reading order."""
@@ -106,7 +125,7 @@ class GroundingGuard:
         said = sentences(reply) or ([reply.strip()] if reply.strip() else [])
         if not chosen or not said:
             return chosen
-        vectors = self.embed(said + chosen)
+        vectors = self._embed(said + chosen)
         similarity = vectors[len(said):] @ vectors[: len(said)].T
         return [s for s, row in zip(chosen, similarity) if row.max() < _ALREADY_SAID]
 
@@ -116,6 +135,6 @@ class GroundingGuard:
         candidates = [(rank, sentence) for rank, p in enumerate(passages) for sentence in sentences(p.text)]
         if not candidates or n <= 0:
             return []
-        vectors = self.embed([question, *(s for _, s in candidates)])
+        vectors = self._embed([question, *(s for _, s in candidates)])
         scores = vectors[1:] @ vectors[0] + np.array([0.1 if rank == 0 else 0.0 for rank, _ in candidates])
         return [candidates[i][1] for i in sorted(np.argsort(-scores)[:n].tolist())]

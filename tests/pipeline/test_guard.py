@@ -108,3 +108,18 @@ def test_guard_uses_the_embedder_it_is_given():
 
     GroundingGuard(embed).check("One sentence here.", [passage("Another sentence there.")])
     assert calls == [["One sentence here.", "Another sentence there."]]
+
+
+def test_passage_sentences_are_embedded_once_and_read_back_unchanged(encoder):
+    calls = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return encoder.embed(texts)
+
+    guard = GroundingGuard(embed)
+    first = guard.check("Express delivery is quick.", DELIVERY)
+    second = guard.check("Express delivery is quick.", DELIVERY)
+    guard.check("Delivery by express is fast.", DELIVERY)
+    assert calls[1:] == [["Delivery by express is fast."]]  # the passage's sentences were not embedded again
+    assert first.min_similarity == second.min_similarity
