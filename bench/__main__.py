@@ -38,6 +38,20 @@ def machine() -> dict:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def banking77_test(n: int | None = None) -> tuple[list[str], list[str]]:
+    """``n`` BANKING77 test rows spread over every intent (the file is sorted by intent, so
+    the first rows would all be one); every row when ``n`` is None."""
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.settings import PACKAGE_DATA
+
+    texts, labels = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
+    if n is None or n >= len(texts):
+        return texts, labels
+    step = len(texts) / n
+    picks = [int(i * step) for i in range(n)]
+    return [texts[i] for i in picks], [labels[i] for i in picks]
+
+
 def save(name: str, payload: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {"machine": machine(), **payload}

@@ -26,7 +26,6 @@ the components defined inside a function below, and those must be real types the
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -310,15 +309,3 @@ def haystack_e2e(texts: list[str], max_tokens: int = 64, settings: Settings | No
     return {"peer": "haystack", "generator": "LlamaCppChatGenerator (llama-cpp-python), same GGUF",
             **_time_e2e(draft, texts, max_tokens)}
 
-
-def banking77_sample(n: int | None = None) -> tuple[list[str], list[str]]:
-    """``n`` BANKING77 test rows spread evenly over the file (it is sorted by intent, so the
-    first rows would all be one intent); every row when ``n`` is None."""
-    from pipeline.data_io import read_labelled_csv
-    from pipeline.settings import PACKAGE_DATA
-
-    texts, labels = read_labelled_csv(Path(PACKAGE_DATA) / "banking77" / "test.csv", "text", "category")
-    if n is None or n >= len(texts):
-        return texts, labels
-    rows = np.linspace(0, len(texts) - 1, n).round().astype(int)
-    return [texts[i] for i in rows], [labels[i] for i in rows]

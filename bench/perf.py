@@ -25,21 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.__main__ import RESULTS, _pipeline, machine, private_redis, running_workers, save, wait_for_queues
+from bench.__main__ import RESULTS, _pipeline, banking77_test, machine, private_redis, running_workers, save, wait_for_queues
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _test_split(n: int | None = None) -> tuple[list[str], list[str]]:
-    from pipeline.data_io import read_labelled_csv
-    from pipeline.settings import PACKAGE_DATA
-
-    texts, labels = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
-    if n is None or n >= len(texts):
-        return texts, labels
-    step = len(texts) / n  # spread over every intent, not the first few
-    picks = [int(i * step) for i in range(n)]
-    return [texts[i] for i in picks], [labels[i] for i in picks]
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -77,7 +65,7 @@ def bench_nlu(args) -> None:
 
     from bench import peers
 
-    texts, labels = _test_split(args.tickets)
+    texts, labels = banking77_test(args.tickets)
     rows = {"ours": _ours_nlu(_pipeline(load_responder=False), texts, labels)}  # as shipped: attention in int8
     print(rows, flush=True)
     pipeline = _pipeline(load_responder=False, encoder_int8_attention=False)
@@ -87,14 +75,14 @@ def bench_nlu(args) -> None:
     rows["ours_int8"] = _ours_nlu(pipeline, texts, labels)
     print(rows, flush=True)
     del pipeline
-    small_texts, small_labels = _test_split(args.peer_tickets)
+    small_texts, small_labels = banking77_test(args.peer_tickets)
     rows["naive"] = peers.naive_nlu(small_texts, small_labels)
     print(rows, flush=True)
     rows["haystack"] = peers.haystack_nlu(small_texts, small_labels)
     print(rows, flush=True)
     accuracy = {}
     if args.full_accuracy:  # the 0.3-point rule for int8 is judged on all 3,080 test messages
-        all_texts, all_labels = _test_split()
+        all_texts, all_labels = banking77_test()
         for name in ("shipped", "fp32", "int8"):
             pipeline = _pipeline(load_responder=False, encoder_int8_attention=name == "shipped")
             if name == "int8":
@@ -272,7 +260,7 @@ def bench_e2e(args) -> None:
     from bench import peers
     from pipeline.chain import Understanding
 
-    texts, _ = _test_split(args.tickets)
+    texts, _ = banking77_test(args.tickets)
     pipeline = _pipeline(max_tokens=args.max_tokens)
     pipeline.run("warm up")
     started = time.perf_counter()
@@ -288,7 +276,7 @@ def bench_e2e(args) -> None:
     ours = {"tickets_per_min": round(len(texts) / (time.perf_counter() - started) * 60, 1), "n": len(texts),
             "drafted": sum(bool(r) for r in replies)}
     print("ours", ours, flush=True)
-    small, _ = _test_split(args.peer_tickets)
+    small, _ = banking77_test(args.peer_tickets)
     rows = {"ours": ours, "naive": peers.naive_e2e(small, max_tokens=args.max_tokens)}
     print(rows, flush=True)
     rows["haystack"] = peers.haystack_e2e(small, max_tokens=args.max_tokens)
@@ -363,7 +351,7 @@ def bench_serving(args) -> None:
     from pipeline.encoder import SentenceEncoder
     from pipeline.settings import Settings
 
-    texts, _ = _test_split(max(args.levels) * args.rounds * 2)
+    texts, _ = banking77_test(max(args.levels) * args.rounds * 2)
     with private_redis("tandem-serving-", TANDEM_MAX_TOKENS=str(args.max_tokens)):
         # The index is built once, as `tandem up` or `tandem index` leaves it, not by each worker at start.
         load_or_build_index(Settings(), SentenceEncoder(Settings().encoder))
@@ -415,7 +403,7 @@ def bench_hardware(args) -> None:
     bandwidth = 2 * src.nbytes * 5 / (time.perf_counter() - started)
 
     encoder = SentenceEncoder(Settings().encoder)
-    texts, _ = _test_split(1024)
+    texts, _ = banking77_test(1024)
     encoder.encode(texts[:64])
     tokens = sum(int(encoder.tokenize([t])["attention_mask"].sum()) for t in texts)
     started = time.perf_counter()

@@ -178,8 +178,10 @@ def performance() -> list[str]:
     peft = load("peft")
     if peft:
         rows = peft["rows"]
-        out.append(f"**Parameter-efficient tuning** of the intent classifier, BANKING77 test (3,080), `python -m bench.peft "
-                   f"--epochs {rows[0].get('epochs') or 1} --train-rows {rows[0]['train_rows'] + rows[0]['val_rows']}` "
+        command = peft.get("settings", {}).get("command") or (
+            f"python -m bench.peft --epochs {rows[0].get('epochs') or 1} --train-rows "
+            f"{rows[0]['train_rows'] + rows[0]['val_rows']}")
+        out.append(f"**Parameter-efficient tuning** of the intent classifier, BANKING77 test (3,080), `{command}` "
                    f"({peft['machine']['date']}); every method trains on the same {rows[0]['train_rows']:,} rows, with no "
                    "n-gram fusion:\n")
         out.append("| method | trainable parameters | of all | accuracy | macro-F1 | peak RSS | train time | epochs | "

@@ -12,6 +12,7 @@ pytest.importorskip("haystack")
 pytest.importorskip("haystack_integrations.components.embedders.sentence_transformers")
 
 from bench import peers  # noqa: E402
+from bench.__main__ import banking77_test  # noqa: E402
 
 NLU_KEYS = {"peer", "n", "seconds", "tickets_per_s", "accuracy", "recall_at_3"}
 
@@ -19,7 +20,7 @@ NLU_KEYS = {"peer", "n", "seconds", "tickets_per_s", "accuracy", "recall_at_3"}
 @pytest.fixture(scope="module")
 def sample() -> tuple[list[str], list[str]]:
     # Spread over the file: it is sorted by intent, so the first ten rows are one intent.
-    return peers.banking77_sample(10)
+    return banking77_test(10)
 
 
 def test_sample_spans_intents(sample):
