@@ -9,16 +9,14 @@ whose wording is close to the wrong article still finds the article for its inte
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from pipeline.classifier import IntentClassifier
-from pipeline.encoder import SentenceEncoder
+from pipeline.encoder import SentenceEncoder, VectorCache
 from pipeline.errors import InputError, ModelLoadError, TandemError
 from pipeline.guard import GroundingGuard
 from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
@@ -115,8 +113,9 @@ class HybridPipeline:
         self.responder = responder
         self.guard = guard
         self.settings = settings
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._vectors_lock = threading.RLock()
+        # Classify and retrieve may run as separate tasks on one worker; the second must not
+        # pay for the encoder again.
+        self._vectors = VectorCache(encoder.encode, 4096)
         if index.encoder != encoder.identity:
             raise ModelLoadError(f"the knowledge index was built with encoder {index.encoder!r} but the pipeline "
                                  f"uses {encoder.identity!r}; rebuild it with `tandem index`")
@@ -170,16 +169,7 @@ class HybridPipeline:
         return understandings
 
     def _encode(self, messages: list[str]) -> np.ndarray:
-        """Encode, remembering recent vectors: classify and retrieve may run as separate
-        tasks on one worker, and the second must not pay for the encoder again."""
-        with self._vectors_lock:  # worker threads share the cache
-            missing = list(dict.fromkeys(m for m in messages if m not in self._vectors))
-            if missing:
-                for message, vector in zip(missing, self.encoder.encode(missing)):
-                    self._vectors[message] = vector
-                while len(self._vectors) > 4096:
-                    self._vectors.popitem(last=False)
-            return np.stack([self._vectors[m] for m in messages]) if messages else np.zeros((0, self.encoder.dim))
+        return self._vectors(messages) if messages else np.zeros((0, self.encoder.dim), np.float32)
 
     def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None) -> list[Passage]:
         k = self.settings.top_k

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,31 @@ class SentenceEncoder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.encode(texts)
+
+
+class VectorCache:
+    """Vectors of recently seen texts, each embedded once while it stays among the last
+    ``size`` used. Thread-safe: a gen worker drafts replies on many threads."""
+
+    def __init__(self, embed: Callable[[list[str]], np.ndarray], size: int):
+        self.embed = embed
+        self.size = size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) vectors; ``texts`` must not be empty."""
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+            if missing:
+                self._vectors.update(zip(missing, self.embed(missing)))
+            vectors = np.stack([self._vectors[t] for t in texts])  # read before evicting: a batch may exceed size
+            for text in texts:
+                self._vectors.move_to_end(text)
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+        return vectors
+
+    def clear(self) -> None:
+        with self._lock:
+            self._vectors.clear()

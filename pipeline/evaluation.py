@@ -56,9 +56,12 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
     for n, question in enumerate(questions, 1):
         draft = []
         result = None
+        completed = False
         for event in pipeline.stream(question["question"]):
-            if isinstance(event, Token) and not event.from_guard:
-                draft.append(event.text)
+            if isinstance(event, Token):
+                completed |= event.from_guard
+                if not event.from_guard:
+                    draft.append(event.text)
             elif isinstance(event, Done):
                 result = event.result
         shown = " ".join(f"{p['title']} {p['text']}" for p in result.passages[: pipeline.responder.max_passages])
@@ -70,7 +73,7 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
             "final_recall": key_fact_recall(result.reply, question["key_facts"]),
             "draft_unsupported": unsupported_numbers(draft_text, shown),
             "final_unsupported": unsupported_numbers(result.reply, shown),
-            "grounded": result.grounded, "completed": result.grounded and result.reply != draft_text.strip(),
+            "grounded": result.grounded, "completed": completed,
             "draft": draft_text, "reply": result.reply,
             "first_token_ms": result.timings_ms.get("first_token"),
         })

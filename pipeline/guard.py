@@ -12,13 +12,12 @@ generator often answers vaguely ("a small fee that can vary") where the article 
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.encoder import VectorCache
 from pipeline.knowledge import Passage
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -72,10 +71,9 @@ class GuardVerdict:
 class GroundingGuard:
     def __init__(self, embed: Embed, similarity_threshold: float = 0.45, complete_sentences: int = 3):
         self.embed = embed
-        # Passage sentences come back reply after reply (and twice within one); each is
+        # Passage sentences come back reply after reply (and twice within one): each is
         # embedded once, then read from here.
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._embed = VectorCache(embed, 8192)
         self.similarity_threshold = similarity_threshold
         self.complete_sentences = complete_sentences
 
@@ -97,19 +95,6 @@ class GroundingGuard:
         supported = (bool(reply.strip()) and not unsupported and
                      (min_similarity is None or min_similarity >= self.similarity_threshold))
         return GuardVerdict(supported, unsupported, min_similarity)
-
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        fresh = dict(zip(missing, self.embed(missing))) if missing else {}
-        with self._lock:
-            vectors = np.stack([fresh[t] if t in fresh else self._vectors[t] for t in texts])
-            self._vectors.update(fresh)
-            for text in texts:
-                self._vectors.move_to_end(text)
-            while len(self._vectors) > 8192:
-                self._vectors.popitem(last=False)
-        return vectors
 
     def extractive_answer(self, question: str, passages: list[Passage], max_sentences: int = 3) -> str:
         """The passage sentences closest to the question, in reading order."""
