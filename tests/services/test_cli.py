@@ -139,6 +139,9 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_ENCODER_INT8_ATTENTION", "sometimes", "TANDEM_ENCODER_INT8_ATTENTION: Input should be a valid boolean"),
     ("TANDEM_RESPONDER_Q8_0_ON_CPU", "maybe", "TANDEM_RESPONDER_Q8_0_ON_CPU: Input should be a valid boolean"),
     ("TANDEM_REPEAT_PENALTY", "0.5", "TANDEM_REPEAT_PENALTY: Input should be greater than or equal to 1"),
+    ("TANDEM_GUARD_COMPLETE_SENTENCES", "-1",
+     "TANDEM_GUARD_COMPLETE_SENTENCES: Input should be greater than or equal to 0"),
+    ("TANDEM_GUARD_COMPLETE_SENTENCES", "three", "TANDEM_GUARD_COMPLETE_SENTENCES: Input should be a valid integer"),
 ])
 def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
