@@ -24,18 +24,24 @@ def main() -> None:
     any_result = next((r for r in map(load, ["intents", "retrieval", "grounding", "latency"]) if r), None)
     if any_result:
         m = any_result["machine"]
-        out.append(f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}; no GPU except where a block "
-                   "names one. Each block names its command and when it ran; raw results are in `bench/results/`.\n")
+        # The CPU's vector extensions differ from block to block (the README's intro says which ran where).
+        out.append(f"Machine: {m['cores']} cores, {m['cpu'].split(' (')[0]}, Python {m['python']}; no GPU except where a "
+                   "block names one. Each block names its command and when it ran; raw results are in `bench/results/`.\n")
     intents = load("intents")
     if intents:
         out.append(f"**Intent accuracy**, BANKING77 test (3,080), `python -m bench intents` ({intents['machine']['date']}):\n")
-        out.append("| encoder training | + n-gram model | accuracy | macro-F1 | ECE | train time |\n|---|---|---|---|---|---|")
+        out.append("| encoder training | + n-gram model | accuracy | before the oos threshold | sent to oos | macro-F1 | ECE "
+                   "| train time |\n|---|---|---|---|---|---|---|---|")
         for row in intents["rows"]:
             out.append(f"| {row['method']} | {'yes (weight ' + str(row['lexical_weight']) + ')' if row['lexical'] else 'no'} "
-                       f"| {pct(row['accuracy'])} | {row['macro_f1']:.3f} | {row['ece']:.3f} | {row['train_seconds']:.0f} s |")
+                       f"| {pct(row['accuracy'])} | {pct(row.get('accuracy_before_threshold'))} | {pct(row.get('rejected'))} "
+                       f"| {row['macro_f1']:.3f} | {row['ece']:.3f} | {row['train_seconds']:.0f} s |")
         shipped = intents["shipped_model"]
         out.append(f"\nThe shipped model (`tandem eval-intents pipeline/data/banking77/test.csv --label-col category`): "
-                   f"accuracy {pct(shipped['accuracy'])}, macro-F1 {shipped['macro_f1']:.3f}, ECE {shipped['ece']:.3f}.\n")
+                   f"accuracy {100 * shipped['accuracy']:.2f}%, macro-F1 {shipped['macro_f1']:.3f}, ECE {shipped['ece']:.3f}"
+                   + (f"; {100 * shipped['rejected']:.2f}% of the messages fall under the confidence threshold and are "
+                      f"answered as out of scope, and the winning intent before that threshold is right for "
+                      f"{100 * shipped['accuracy_before_threshold']:.2f}%" if "rejected" in shipped else "") + ".\n")
     retrieval = load("retrieval")
     if retrieval:
         out.append(f"**Retrieval**, `python -m bench retrieval` ({retrieval['machine']['date']}): recall@3 of the article written "

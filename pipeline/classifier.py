@@ -446,6 +446,11 @@ def evaluate(classifier: IntentClassifier, encoder: SentenceEncoder, texts: list
     is_oos = gold == oos
     report = {
         "accuracy": round(float(np.mean(pred == gold)), 4),
+        # What the confidence threshold costs: the winning class's accuracy before it, and
+        # the share of rows it (or an oos class) sent to out-of-scope.
+        "accuracy_before_threshold": round(float(np.mean([p.top_intents[0]["intent"] == g
+                                                          for p, g in zip(predictions, labels)])), 4),
+        "rejected": round(float(np.mean(pred == oos)), 4),
         # Averaged over the true labels: a never-true "oos" column would only add a zero.
         "macro_f1": round(float(f1_score(gold, pred, labels=sorted(set(labels)), average="macro", zero_division=0)), 4),
         "in_scope_accuracy": round(float(np.mean(pred[~is_oos] == gold[~is_oos])), 4) if is_oos.any() else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -72,8 +73,12 @@ class SentenceEncoder:
         the vectors stay interchangeable with fp32 ones (settings.encoder_int8_attention)."""
         names = {name for name, module in self.model.named_modules()
                  if isinstance(module, torch.nn.Linear) and ".attention." in f".{name}."}
-        # In place: a copy would hold a second encoder in memory while it is made.
-        self._model = torch.ao.quantization.quantize_dynamic(self.model, names, dtype=torch.qint8, inplace=True)
+        # In place: a copy would hold a second encoder in memory while it is made. Torch 2.13
+        # warns that the quantized tensor types behind this are deprecated; every CLI command
+        # and worker start printed that warning, which says nothing a user can act on.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+            self._model = torch.ao.quantization.quantize_dynamic(self.model, names, dtype=torch.qint8, inplace=True)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -8,7 +8,9 @@ taken by a dead worker returns to the queue after ``visibility_timeout_s``.
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from pipeline.settings import Settings
 
@@ -26,10 +28,30 @@ ROUTES = {
 }
 
 
+class _BrokerChannel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> dict:
+        # When Redis drops while a threads-pool worker holds unacknowledged tasks, Celery
+        # 5.7 closes the broken connection twice; the second close asks this channel for a
+        # client after the first detached it, and kombu's AttributeError killed the worker
+        # ("Unrecoverable error"). A connection error is what Celery rides out: it
+        # reconnects, and the unacknowledged tasks come back after the visibility timeout.
+        if self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection is already closed")
+        return super()._connparams(asynchronous)
+
+
+class BrokerTransport(kombu_redis.Transport):
+    """kombu's Redis transport, with the channel above."""
+
+    Channel = _BrokerChannel
+
+
 def configure(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     url = settings.resolved_redis_url
     app.conf.update(
+        # rediss:// and sentinel URLs keep kombu's own transport (and its TLS defaults).
+        broker_transport="workers.app:BrokerTransport" if url.startswith("redis://") else None,
         broker_url=url,
         result_backend=url,
         task_serializer="json",
@@ -45,6 +67,11 @@ def configure(settings: Settings | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # keep reconnecting while Redis is away
+        # A task running when the broker connection drops carries on (its Redis writes ride
+        # out the outage, workers.streams.connect); its ack then fails on the dead connection,
+        # it comes back after the visibility timeout and `respond` sees its stream is finished.
+        # Set here because Celery 6 turns the default around.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         result_backend_always_retry=True,
         result_backend_max_retries=60,
         worker_hijack_root_logger=False,

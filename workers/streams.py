@@ -16,15 +16,28 @@ import time
 from collections.abc import Iterator
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 STREAM_KEY = "tandem:reply:{}"
 TERMINAL = {"done", "error"}
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
+    """A client that rides out a Redis restart of up to about ``outage_s`` seconds.
+
+    redis-py's default retries give up after about 5 s, so a reply being written while
+    Redis restarted failed with an error event; with this budget its tokens carry on
+    where they stopped."""
+    retries = max(1, int(outage_s / _RETRY_CAP_S) + 4)  # the first few waits are short
+    retry = Retry(ExponentialBackoff(cap=_RETRY_CAP_S, base=0.05), retries)
     # The socket timeout must outlast XREAD's BLOCK (redis-py's default of 5 s does not).
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=10, socket_timeout=30,
-                                socket_connect_timeout=5)
+                                socket_connect_timeout=5, retry=retry,
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+_RETRY_CAP_S = 2.0
 
 
 class ReplyStream:

@@ -77,6 +77,12 @@ def test_head_training_on_banking77_subset_round_trips(encoder, banking_subset, 
     report, predicted = evaluate(loaded, encoder, test_texts, test_labels)
     assert report["accuracy"] >= 0.85 and report["n"] == len(test_texts)
     assert report["oos_recall"] is None and report["in_scope_accuracy"] is None
+    assert report["accuracy_before_threshold"] >= report["accuracy"]
+    loaded.oos_threshold = 1.01  # every message rejected: what the threshold costs is all of it
+    rejecting, _ = evaluate(loaded, encoder, test_texts, test_labels)
+    assert rejecting["rejected"] == 1.0 and rejecting["accuracy"] == 0.0
+    assert rejecting["accuracy_before_threshold"] == report["accuracy_before_threshold"]
+    loaded.oos_threshold = model.oos_threshold
     vectors = encoder.encode(test_texts[:5])
     assert [p.to_dict() for p in model.predict(vectors, test_texts[:5])] == \
         [p.to_dict() for p in loaded.predict(vectors, test_texts[:5])]

@@ -65,6 +65,33 @@ def test_one_gen_worker_streams_concurrent_replies_together(workers, redis_clien
     assert sum(start < first_ends for start, _ in spans) >= 2, f"replies streamed one after another: {spans}"
 
 
+def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, redis_client, redis_server):
+    """Redis restarts while a threads-pool gen worker is writing three replies: each reply
+    still ends in `done` with all its tokens, and the same worker serves the next message."""
+    messages = ["How do I activate my card?", "How do I change my PIN?", "Can I top up by bank transfer?"]
+    workers.kill("gen")
+    workers.start("gen", env={"TANDEM_GEN_POOL": "threads"})
+    try:
+        ids = [submit_message(m, use_cache=False) for m in messages]
+        next(e for e in stream_reply(redis_client, ids[0], timeout_s=120) if e[1] == "token")
+        redis_server.stop()
+        time.sleep(3)
+        redis_server.start()
+        for reply_id in ids:
+            events = events_of(redis_client, reply_id)
+            kinds = [kind for _, kind, _ in events]
+            assert kinds[0] == "meta" and kinds[-1] == "done", (reply_id, kinds[-1], events[-1][2])
+            done = events[-1][2]
+            if done["grounded"]:
+                assert "".join(d["text"] for _, k, d in events if k == "token").strip() == done["reply"]
+        assert workers.processes["gen"].poll() is None, "the gen worker died with Redis"
+        after = events_of(redis_client, submit_message("How do I freeze my card?", use_cache=False))
+        assert after[-1][1] == "done"
+    finally:
+        workers.kill("gen")
+        workers.start("gen")  # the session's solo-pool worker, for the tests after this one
+
+
 def _stream_together(redis_client, ids: list[str]) -> list[tuple[int, int]]:
     """Reads the replies at once; returns each one's first and last token time (ms, from the stream ids)."""
     events = {i: [] for i in ids}
