@@ -293,7 +293,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deadline = time.monotonic() + settings.request_timeout_s
         tokens = 0
         while time.monotonic() < deadline:
-            response = await client.xread({STREAM_KEY.format(reply_id): cursor}, block=1000, count=100)
+            try:
+                response = await client.xread({STREAM_KEY.format(reply_id): cursor}, block=1000, count=100)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # Redis is restarting: the worker writing this reply waits for it too
+                # (workers.streams.connect), so wait here rather than cut the reply off.
+                await asyncio.sleep(0.5)
+                continue
             for _, entries in response or []:
                 for event_id, fields in entries:
                     cursor = event_id

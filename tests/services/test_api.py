@@ -218,8 +218,9 @@ def test_keys_file_holds_plain_keys_or_digests(tmp_path):
 
 
 def test_redis_restart_under_load(api, redis_server):
-    """Redis goes away while chats are in flight: 503s with a clear message, /readyz red, and
-    the service takes requests again within 5 s of Redis returning, by itself."""
+    """Redis goes away while chats are in flight: new requests get 503s with a clear message,
+    /readyz is red, a reply already streaming carries on to `done` once Redis is back, and the
+    service takes requests again within 5 s of Redis returning, by itself."""
     import threading
     import time
 
@@ -237,11 +238,25 @@ def test_redis_restart_under_load(api, redis_server):
             except httpx.HTTPError:
                 outcomes.append(-1)
 
+    in_flight: list[str] = []  # the SSE events of a reply that is streaming when Redis stops
+    started = threading.Event()
+
+    def read_reply():
+        reply = httpx.post(f"{api}/v1/replies", json={"message": "How do I activate my card?", "use_cache": False},
+                           headers=auth(), timeout=10).json()
+        with httpx.stream("GET", f"{api}{reply['events']}", headers=auth(), timeout=120) as events:
+            for line in events.iter_lines():
+                if line.startswith("event: "):
+                    in_flight.append(line.removeprefix("event: "))
+                    if in_flight[-1] == "token":
+                        started.set()
+
     threads = [threading.Thread(target=chat_loop) for _ in range(3)]
-    for thread in threads:
+    reader = threading.Thread(target=read_reply)
+    for thread in [*threads, reader]:
         thread.start()
-    time.sleep(3)
-    redis_server.stop()
+    assert started.wait(90), "the reply had begun streaming"
+    redis_server.stop()  # at its first token: mid-reply
     try:
         time.sleep(1)
         ready = httpx.get(f"{api}/readyz", timeout=10)
@@ -258,6 +273,8 @@ def test_redis_restart_under_load(api, redis_server):
     stop.set()
     for thread in threads:
         thread.join(120)
+    reader.join(120)
+    assert in_flight[0] == "meta" and in_flight[-1] == "done", f"the reply streaming through the outage: {in_flight[-3:]}"
     assert -1 not in outcomes, "no connection was dropped without an answer"
     assert set(outcomes) <= {200, 503}
     recovered = httpx.post(f"{api}/v1/chat/completions", headers=auth(), timeout=120,
