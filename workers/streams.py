@@ -19,6 +19,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from pipeline.errors import TandemError
+
 STREAM_KEY = "tandem:reply:{}"
 TERMINAL = {"done", "error"}
 
@@ -60,6 +62,59 @@ class ReplyStream:
         """True when the stream already ends in done or error (a redelivered task must not write twice)."""
         last = self.client.xrevrange(self.key, count=1)
         return bool(last) and last[0][1].get("event") in TERMINAL
+
+    def sent_so_far(self) -> str | None:
+        """The token text already in the stream; None when the stream is empty."""
+        entries = self.client.xrange(self.key)
+        if not entries:
+            return None
+        return "".join(json.loads(f["data"])["text"] for _, f in entries if f.get("event") == "token")
+
+
+class ResumeError(TandemError):
+    """A redelivered reply whose new text does not continue what the client already has."""
+
+
+class ResumingWriter:
+    """Writes a reply's events; after a redelivery, only what the client does not have yet.
+
+    A worker that dies mid-reply leaves `meta` and some tokens in the stream, and its task
+    comes back (acks_late) to write the reply again. Greedy decoding writes the same text,
+    so the stream carries on where it stopped instead of starting the reply a second time.
+    Text that differs (sampling, another model) cannot be taken back: that is an error."""
+
+    def __init__(self, stream: ReplyStream):
+        self.stream = stream
+        self.sent = stream.sent_so_far()
+        self.produced = ""
+
+    @property
+    def resumed(self) -> bool:
+        return self.sent is not None
+
+    def meta(self, data: dict) -> None:
+        if not self.resumed:
+            self.stream.publish("meta", data)
+
+    def token(self, text: str) -> None:
+        start = len(self.produced)
+        self.produced += text
+        if not self.resumed:
+            self.stream.publish("token", {"text": text})
+            return
+        overlap = min(len(self.produced), len(self.sent))
+        if self.produced[:overlap] != self.sent[:overlap]:
+            raise ResumeError(_DIVERGED)
+        if len(self.produced) > len(self.sent):
+            self.stream.publish("token", {"text": self.produced[max(start, len(self.sent)):]})
+
+    def done(self, result: dict) -> None:
+        if self.resumed and len(self.produced) < len(self.sent):
+            raise ResumeError(_DIVERGED)
+        self.stream.publish("done", result)
+
+
+_DIVERGED = "the worker writing this reply stopped, and its retry wrote a different reply; ask again"
 
 
 def stream_reply(client: redis.Redis, reply_id: str, last_id: str | None = None, block_ms: int = 2000,

@@ -23,7 +23,7 @@ from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding, cle
 from pipeline.errors import TandemError
 from pipeline.settings import Settings
 from workers.app import app
-from workers.streams import ConversationMemory, ReplyCache, ReplyStream, connect
+from workers.streams import ConversationMemory, ReplyCache, ReplyStream, ResumingWriter, connect
 
 log = logging.getLogger(__name__)
 _pipeline: HybridPipeline | None = None
@@ -135,29 +135,32 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         use_cache = False
     # A reply that depends on earlier turns is not reusable for the same message elsewhere.
     cached = cache.get(key) if use_cache and not history else None
+    writer = ResumingWriter(stream)
     try:
         if cached:
-            stream.publish("meta", _meta(u, cached=True))
+            writer.meta(_meta(u, cached=True))
             for piece in cached["tokens"]:
-                stream.publish("token", {"text": piece})
+                writer.token(piece)
             result = {**cached["result"], "cached": True}
         else:
             tokens: list[str] = []
             result = {}
             for event in pipeline.respond(u, history, generation):
                 if isinstance(event, Meta):
-                    stream.publish("meta", _meta(u, cached=False))
+                    writer.meta(_meta(u, cached=False))
                 elif isinstance(event, Token):
                     tokens.append(event.text)
-                    stream.publish("token", {"text": event.text})
+                    writer.token(event.text)
                 elif isinstance(event, Done):
                     result = {**event.result.to_dict(), "cached": False}
             if use_cache and not history:
                 cache.put(key, {"tokens": tokens, "result": result})
         result["reply_id"] = reply_id
+        if writer.resumed:
+            result["resumed"] = True
         if session_id:  # before "done": a client's next message must see this turn
             memory.append(session_id, u.message, result["reply"])
-        stream.publish("done", result)
+        writer.done(result)
     except TandemError as exc:
         stream.publish("error", {"message": str(exc)})
         return {"reply_id": reply_id, "error": str(exc)}

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 
-from workers.streams import ConversationMemory, ReplyCache, ReplyStream, normalise_message, stream_reply
+from workers.streams import (
+    ConversationMemory,
+    ReplyCache,
+    ReplyStream,
+    ResumeError,
+    ResumingWriter,
+    normalise_message,
+    stream_reply,
+)
 
 
 def test_cache_key_depends_on_message_intent_index_and_responder():
@@ -73,3 +82,41 @@ def test_cache_round_trip_and_ttl(client):
     cache.put(key, {"tokens": ["a"], "result": {"reply": "a"}})
     assert cache.get(key)["result"]["reply"] == "a"
     assert 0 < client.ttl(key) <= 30
+
+
+def _write(stream: ReplyStream, pieces: list[str], die_after: int | None = None) -> None:
+    """One attempt at a reply; ``die_after`` tokens stands for a worker killed mid-reply."""
+    writer = ResumingWriter(stream)
+    writer.meta({"intent": "x"})
+    for n, piece in enumerate(pieces):
+        if n == die_after:
+            return
+        writer.token(piece)
+    writer.done({"reply": "".join(pieces)})
+
+
+def _events(client, stream: ReplyStream) -> list[tuple[str, dict]]:
+    return [(f["event"], json.loads(f["data"])) for _, f in client.xrange(stream.key)]
+
+
+def test_a_redelivered_reply_carries_on_where_the_dead_worker_stopped(client):
+    stream = ReplyStream(client, f"r{time.time_ns()}", maxlen=100, ttl_s=60)
+    pieces = ["Freeze ", "your card ", "in the app", " now."]
+    _write(stream, pieces, die_after=2)
+    _write(stream, ["Freeze your", " card in", " the app now."])  # the retry's tokens fall differently
+    events = _events(client, stream)
+    assert [kind for kind, _ in events].count("meta") == 1
+    assert "".join(d["text"] for kind, d in events if kind == "token") == "".join(pieces)
+    assert events[-1] == ("done", {"reply": "Freeze your card in the app now."})
+
+
+def test_a_retry_that_writes_something_else_is_an_error_not_a_garbled_reply(client):
+    stream = ReplyStream(client, f"r{time.time_ns()}", maxlen=100, ttl_s=60)
+    _write(stream, ["Freeze ", "your card."], die_after=1)
+    with pytest.raises(ResumeError, match="ask again"):
+        _write(stream, ["Call ", "us."])
+    shorter = ReplyStream(client, f"r{time.time_ns()}", maxlen=100, ttl_s=60)
+    _write(shorter, ["Freeze ", "your card ", "now."], die_after=2)
+    with pytest.raises(ResumeError):
+        _write(shorter, ["Freeze "])  # stops short of what the client already has
+    assert [kind for kind, _ in _events(client, shorter)] == ["meta", "token", "token"]

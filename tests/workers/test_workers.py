@@ -92,6 +92,29 @@ def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, redis_
         workers.start("gen")  # the session's solo-pool worker, for the tests after this one
 
 
+def test_gen_worker_killed_mid_reply_resumes_the_stream_without_repeating_it(workers, redis_client):
+    """kill -9 on the gen worker after three tokens: the task comes back to a new worker, which
+    writes only the rest, so the client reads one meta and the same text as an unbroken reply."""
+    message = "How do I activate my card?"
+    reply_id = submit_message(message, use_cache=False)
+    tokens = 0
+    for _, kind, _ in stream_reply(redis_client, reply_id, timeout_s=120):
+        tokens += kind == "token"
+        if tokens == 3:
+            break
+    workers.kill("gen")
+    assert redis_client.xrevrange(STREAM_KEY.format(reply_id), count=1)[0][1]["event"] == "token", "killed mid-reply"
+    workers.start("gen")
+    events = events_of(redis_client, reply_id)
+    kinds = [kind for _, kind, _ in events]
+    assert kinds.count("meta") == 1 and kinds[-1] == "done", kinds
+    assert events[-1][2].get("resumed") is True
+    unbroken = events_of(redis_client, submit_message(message, use_cache=False))
+    assert "".join(d["text"] for _, k, d in events if k == "token") == \
+        "".join(d["text"] for _, k, d in unbroken if k == "token")
+    assert events[-1][2]["reply"] == unbroken[-1][2]["reply"]
+
+
 def _stream_together(redis_client, ids: list[str]) -> list[tuple[int, int]]:
     """Reads the replies at once; returns each one's first and last token time (ms, from the stream ids)."""
     events = {i: [] for i in ids}
