@@ -23,6 +23,7 @@ from pipeline.errors import TandemError
 
 STREAM_KEY = "tandem:reply:{}"
 TERMINAL = {"done", "error"}
+_RETRY_CAP_S = 2.0  # the longest wait between two reconnection attempts
 
 
 def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
@@ -37,9 +38,6 @@ def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=10, socket_timeout=30,
                                 socket_connect_timeout=5, retry=retry,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-
-
-_RETRY_CAP_S = 2.0
 
 
 class ReplyStream:
