@@ -115,6 +115,27 @@ def test_gen_worker_killed_mid_reply_resumes_the_stream_without_repeating_it(wor
     assert events[-1][2]["reply"] == unbroken[-1][2]["reply"]
 
 
+def test_a_message_sent_while_redis_restarts_is_queued_when_it_returns(workers, redis_client, redis_server):
+    """Sending a task waits for Redis to come back (the app reconnects without limit,
+    `broker_connection_max_retries=None`), as every hop of the chain does inside the workers."""
+    redis_server.stop()
+    box: dict = {}
+
+    def send() -> None:
+        try:
+            box["reply_id"] = submit_message("How do I change my PIN?", use_cache=False)
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            box["error"] = exc
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(3)
+    redis_server.start()
+    sender.join(60)
+    assert "error" not in box, repr(box.get("error"))
+    assert events_of(redis_client, box["reply_id"])[-1][1] == "done"
+
+
 def _stream_together(redis_client, ids: list[str]) -> list[tuple[int, int]]:
     """Reads the replies at once; returns each one's first and last token time (ms, from the stream ids)."""
     events = {i: [] for i in ids}
