@@ -113,8 +113,9 @@ def performance() -> list[str]:
                    f"{nlu['machine']['cores']} cores, {nlu['machine']['cpu']}):\n")
         out.append("| pipeline | tickets/s | × naive | accuracy (same intent model, its tickets) | tickets |\n|---|---|---|---|---|")
         naive = r["naive"]["tickets_per_s"]
-        names = {"ours": "Tandem as shipped (batched, attention in int8)", "ours_fp32": "Tandem (batched, fp32)",
-                 "ours_int8": "Tandem (batched, int8 dynamic everywhere)",
+        names = {"ours": "Tandem as shipped (batched, ONNX Runtime, int8 weights)",
+                 "ours_int8_attention": "Tandem (batched, torch, attention in int8)", "ours_fp32": "Tandem (batched, torch fp32)",
+                 "ours_int8": "Tandem (batched, torch, int8 dynamic everywhere)",
                  "naive": "naive (transformers `pipeline` per ticket)", "haystack": "Haystack 2 (per ticket)"}
         for key, name in names.items():
             if key in r:

@@ -128,8 +128,11 @@ class HybridPipeline:
         encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
                                   settings.encoder_max_length)
         classifier = load_intent_model(settings, encoder, progress)
-        if settings.encoder_int8_attention and settings.encoder_device == "cpu" and classifier.method == "head":
-            encoder.quantize_attention()  # measured for the head-only model only
+        if settings.encoder_device == "cpu" and classifier.method == "head":  # measured for this model only
+            onnx = settings.encoder_onnx_int8 and encoder.use_onnx_int8(settings.data_dir / "models",
+                                                                        settings.encoder_threads)
+            if settings.encoder_int8_attention and not onnx:
+                encoder.quantize_attention()
         index = load_or_build_index(settings, encoder, progress)
         limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s,
                                   settings.repeat_penalty)

@@ -9,7 +9,12 @@ goes on padding.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import subprocess
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -22,6 +27,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from pipeline.errors import ModelLoadError
 
+log = logging.getLogger(__name__)
+
 
 class SentenceEncoder:
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16, max_length: int = 128):
@@ -31,6 +38,8 @@ class SentenceEncoder:
         self.max_length = max_length
         self._tokenizer = None
         self._model = None
+        self._onnx = None  # an onnxruntime session, once use_onnx_int8 has made one
+        self._int8_attention = False
         self.pooling = "mean"
         self.tag = ""  # set when fine-tuned weights replace the base model's
         # A gen worker drafts replies on many threads; a fast tokenizer refuses concurrent use
@@ -41,6 +50,13 @@ class SentenceEncoder:
     def dim(self) -> int:
         self.warm_up()
         return self._model.config.hidden_size
+
+    @property
+    def runtime(self) -> str:
+        """What runs the forward pass: "onnxruntime-int8", "torch-int8-attention" or "torch"."""
+        if self._onnx is not None:
+            return "onnxruntime-int8"
+        return "torch-int8-attention" if self._int8_attention else "torch"
 
     @property
     def identity(self) -> str:
@@ -64,6 +80,8 @@ class SentenceEncoder:
         """Swap in a fine-tuned copy of the encoder (same tokenizer)."""
         self.warm_up()
         self._model = model.to(self.device).eval()
+        self._onnx = None  # an ONNX copy holds the weights it was made from
+        self._int8_attention = False
         self.tag = tag or self.tag
 
     def quantize_attention(self) -> None:
@@ -79,6 +97,72 @@ class SentenceEncoder:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
             self._model = torch.ao.quantization.quantize_dynamic(self.model, names, dtype=torch.qint8, inplace=True)
+        self._int8_attention = True
+
+    def use_onnx_int8(self, cache_dir: Path, threads: int | None = None) -> bool:
+        """Encode through ONNX Runtime, with int8 weights (dynamic, one scale per output channel).
+
+        The model is exported and quantized once into ``cache_dir``. Only the weight matrices
+        go to int8: the attention scores (an activation times an activation) stay fp32, which
+        cost accuracy in int8. Inference only, like quantize_attention; the vectors stay close
+        to fp32 ones (settings.encoder_onnx_int8 has the figures). False, with a warning, where
+        the model cannot be exported; the encoder then stays on torch."""
+        import onnxruntime
+
+        self.warm_up()  # the pooling is read from the model's folder
+        source = Path(self.model_name).resolve()
+        weights = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
+        stamp = ":".join(f"{w}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights) or str(source)
+        digest = hashlib.sha256(f"{stamp}:{self.pooling}:{self.max_length}".encode()).hexdigest()[:12]
+        target = Path(cache_dir) / f"{source.name}.{digest}.int8.onnx"
+        if not target.is_file():
+            # In a child process: exporting and quantizing took a process from 0.59 to 1.06 GB
+            # (measured), and a worker would carry that peak for the rest of its life.
+            try:
+                subprocess.run([sys.executable, "-m", "pipeline.encoder", self.model_name, str(self.max_length),
+                                str(target)], check=True, capture_output=True, text=True, timeout=900)
+            except (subprocess.SubprocessError, OSError) as exc:
+                detail = (getattr(exc, "stderr", None) or "").strip().splitlines()[-1:] or [str(exc)]
+                log.warning("encoder stays on torch: no ONNX int8 copy in %s (%s)", cache_dir, detail[0])
+                return False
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # Idle threads must not spin: an nlu worker shares its cores with a gen worker's llama.cpp.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._onnx = onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+        return True
+
+    def _export_int8(self, target: Path) -> None:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fp32 = target.with_name(f"{target.name}.{os.getpid()}.fp32")
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            sample = self.tokenize(["a sample message to trace", "hi"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's notes on control flow it does not need
+                torch.onnx.export(_Pooled(self), (sample["input_ids"], sample["attention_mask"]), str(fp32),
+                                  input_names=["input_ids", "attention_mask"], output_names=["vectors"],
+                                  dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                                "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
+                                  opset_version=17, dynamo=False)
+            graph = onnx.load(str(fp32)).graph
+            weights = {w.name for w in graph.initializer}
+            products = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+            quiet = _DropRecords("pre-processing before quantization")  # onnxruntime's advice for image models
+            logging.getLogger().addFilter(quiet)
+            try:
+                quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul"], nodes_to_exclude=products)
+            finally:
+                logging.getLogger().removeFilter(quiet)
+            os.replace(partial, target)  # whole or not at all: workers starting together race here safely
+        finally:
+            for leftover in (fp32, partial):
+                leftover.unlink(missing_ok=True)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -116,15 +200,42 @@ class SentenceEncoder:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         vectors: list[np.ndarray] = []
         for start in range(0, len(texts), self.batch_size):
+            chunk = [texts[i] for i in order[start:start + self.batch_size]]
             with self._lock:
-                batch = self.tokenize([texts[i] for i in order[start:start + self.batch_size]])
-                vectors.append(self.forward(batch).cpu().numpy())
+                if self._onnx is not None:
+                    batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                           return_tensors="np")
+                    vectors.append(self._onnx.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
+                                                         "attention_mask": batch["attention_mask"].astype(np.int64)})[0])
+                else:
+                    vectors.append(self.forward(self.tokenize(chunk)).cpu().numpy())
             if progress:
                 progress(min(start + self.batch_size, len(texts)))
         return np.concatenate(vectors)[np.argsort(order)]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.encode(texts)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+class _Pooled(torch.nn.Module):
+    """The encoder with its pooling and normalisation, as one graph to export."""
+
+    def __init__(self, encoder: SentenceEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.model = encoder.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
 class VectorCache:
@@ -153,3 +264,7 @@ class VectorCache:
     def clear(self) -> None:
         with self._lock:
             self._vectors.clear()
+
+
+if __name__ == "__main__":  # SentenceEncoder.use_onnx_int8 runs the export here, in its own process
+    SentenceEncoder(sys.argv[1], max_length=int(sys.argv[2]))._export_int8(Path(sys.argv[3]))
