@@ -51,8 +51,10 @@ def test_one_gen_worker_streams_concurrent_replies_together(workers, redis_clien
     """Continuous batching through the real worker: a second reply starts streaming while the
     first is still streaming (a one-at-a-time worker would hold it until the first is done),
     and each stream carries only its own reply."""
+    # Messages whose intent is clear (confidence > 0.6): a borderline one can be answered as out of
+    # scope or handed off, in one token, and then there is no streaming to overlap.
     messages = ["How long does card delivery take?", "What is the fee for an international transfer?",
-                "How do I freeze my card?"]
+                "How do I activate my card?"]
     workers.kill("gen")
     workers.start("gen", env={"TANDEM_GEN_POOL": "threads"})
     try:
