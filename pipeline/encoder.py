@@ -174,9 +174,10 @@ class SentenceEncoder:
         self.warm_up()
         return self._tokenizer
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt").to(self.device)
+    def tokenize(self, texts: list[str], tensors: str = "pt") -> dict:
+        """A padded batch as torch tensors on the encoder's device, or as numpy arrays ("np")."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors=tensors)
+        return batch.to(self.device) if tensors == "pt" else batch
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -203,8 +204,7 @@ class SentenceEncoder:
             chunk = [texts[i] for i in order[start:start + self.batch_size]]
             with self._lock:
                 if self._onnx is not None:
-                    batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                           return_tensors="np")
+                    batch = self.tokenize(chunk, tensors="np")
                     vectors.append(self._onnx.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
                                                          "attention_mask": batch["attention_mask"].astype(np.int64)})[0])
                 else:

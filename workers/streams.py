@@ -32,7 +32,7 @@ def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
     redis-py's default retries give up after about 5 s, so a reply being written while
     Redis restarted failed with an error event; with this budget its tokens carry on
     where they stopped."""
-    retries = max(1, int(outage_s / _RETRY_CAP_S) + 4)  # the first few waits are short
+    retries = int(outage_s / _RETRY_CAP_S) + 4  # the first few waits are short
     retry = Retry(ExponentialBackoff(cap=_RETRY_CAP_S, base=0.05), retries)
     # The socket timeout must outlast XREAD's BLOCK (redis-py's default of 5 s does not).
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=10, socket_timeout=30,
@@ -101,7 +101,7 @@ class ResumingWriter:
             self.stream.publish("token", {"text": text})
             return
         overlap = min(len(self.produced), len(self.sent))
-        if self.produced[:overlap] != self.sent[:overlap]:
+        if self.produced[start:overlap] != self.sent[start:overlap]:  # what came before was checked already
             raise ResumeError(_DIVERGED)
         if len(self.produced) > len(self.sent):
             self.stream.publish("token", {"text": self.produced[max(start, len(self.sent)):]})
