@@ -137,6 +137,7 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_RESPONDER_SLOTS", "0", "TANDEM_RESPONDER_SLOTS: Input should be greater than or equal to 1"),
     ("TANDEM_RESPONDER_GPU_LAYERS", "-2", "TANDEM_RESPONDER_GPU_LAYERS: Input should be greater than or equal to -1"),
     ("TANDEM_ENCODER_INT8_ATTENTION", "sometimes", "TANDEM_ENCODER_INT8_ATTENTION: Input should be a valid boolean"),
+    ("TANDEM_ENCODER_ONNX_INT8", "perhaps", "TANDEM_ENCODER_ONNX_INT8: Input should be a valid boolean"),
     ("TANDEM_RESPONDER_Q8_0_ON_CPU", "maybe", "TANDEM_RESPONDER_Q8_0_ON_CPU: Input should be a valid boolean"),
     ("TANDEM_REPEAT_PENALTY", "0.5", "TANDEM_REPEAT_PENALTY: Input should be greater than or equal to 1"),
     ("TANDEM_GUARD_COMPLETE_SENTENCES", "-1",
