@@ -16,7 +16,7 @@ import redis
 
 from pipeline.errors import TandemError
 from pipeline.settings import Settings
-from workers.batch import process_chunks
+from workers.batch import length_sorted_chunks, process_chunks
 
 TERMINAL_STATES = {"done", "failed", "cancelled"}
 
@@ -78,8 +78,7 @@ class JobStore:
             return
         self.client.hset(self._key(job_id), "state", "running")
         todo = [t for t in tickets if "error" not in t]
-        size = self.settings.batch_chunk_size
-        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        chunks = length_sorted_chunks(todo, self.settings.batch_chunk_size)
         try:
             for rows in process_chunks(chunks, status["drafts"], None, outage_s=60,
                                        cancelled=lambda: self.status(job_id)["state"] == "cancelled"):

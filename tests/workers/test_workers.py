@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.errors import InputError
-from workers.batch import read_tickets, run_batch
+from workers.batch import length_sorted_chunks, read_tickets, run_batch
 from workers.client import submit_message
 from workers.streams import STREAM_KEY, stream_reply
 
@@ -225,6 +225,15 @@ def test_batch_of_500_is_complete_and_in_input_order(workers, tmp_path):
     # answered tickets are skipped; the two that failed are tried again (and fail again)
     assert again["skipped"] == 500 and again["processed"] == 2
     assert read_rows(tmp_path / "out.jsonl") == rows
+
+
+def test_batch_chunks_hold_tickets_of_like_length_and_each_ticket_once():
+    tickets = [{"id": str(i), "text": "word " * n} for i, n in enumerate([9, 1, 5, 3, 7, 2, 8])]
+    chunks = length_sorted_chunks(tickets, 3)
+    assert [len(chunk) for chunk in chunks] == [3, 3, 1]
+    assert sorted(t["id"] for chunk in chunks for t in chunk) == sorted(t["id"] for t in tickets)
+    lengths = [[len(t["text"]) for t in chunk] for chunk in chunks]
+    assert all(max(shorter) <= min(longer) for shorter, longer in zip(lengths, lengths[1:]))
 
 
 def test_batch_with_drafts(workers, tmp_path):
