@@ -93,9 +93,9 @@ class Settings(BaseSettings):
     responder_slots: int = Field(default=16, ge=1, le=64)
     responder_ctx_per_slot: int = Field(default=1024, ge=256)
     # The gen worker's Celery pool. "solo" runs one reply task at a time (batch drafts still
-    # decode together). "threads" runs one task per slot so concurrent chats decode together,
-    # but Celery 5.7's Redis transport crashes a threads-pool worker when Redis drops mid-task
-    # (seen in tests): run it under a supervisor that restarts it (compose: restart policy).
+    # decode together). "threads" runs one task per slot so concurrent chats decode together;
+    # it rides out a Redis restart mid-reply since workers.app.BrokerTransport (README, Workers
+    # and Redis). Under the 50-chat load test both served alike: prefill saturates 2 cores.
     gen_pool: Literal["solo", "threads"] = "solo"
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: str = "none"
