@@ -162,7 +162,12 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
                 if i == 0:
                     first_token.append((time.perf_counter() - t0) * 1000)
 
-    before = engine.tokens_generated
+    # Only prompts of this run share help articles; the system prompt is cached, as on a
+    # server that has been running (two prompts that share it make it a cached beginning).
+    engine.forget_prefixes()
+    for question in ("hi", "hello"):
+        list(engine.stream([prompts[0][0], {"role": "user", "content": question}], GenerationLimits(max_tokens=1)))
+    before, reused = engine.tokens_generated, engine.prefix_tokens_reused
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
@@ -172,7 +177,8 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
     seconds = time.perf_counter() - started
     tokens = engine.tokens_generated - before
     return {"streams": concurrency, "replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1)}
+            "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1),
+            "prompt_tokens_reused": engine.prefix_tokens_reused - reused}
 
 
 def _llama_cpp_alone(llm, prompts: list[list[dict]], max_tokens: int) -> dict:
@@ -242,6 +248,7 @@ def bench_decode(args) -> None:
                          "ratios": {"single_over_llama_cpp_alone": round(ratio, 3),
                                     **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
                                        for r in rows}}}
+        results[name]["prefix_cache"] = _prefix_cache_ab(engine, prompts, args)
         if original is not None:
             results[name]["weights"] = _weights_ab(original, engine, prompts, args)
     save(args.out, {"model": Path(settings.responder_model).name, "weights": Path(engine.weights_path).name,
@@ -254,6 +261,28 @@ def _replies(prompts: list[list[dict]], level: int, args) -> list[list[dict]]:
     """The prompts a run at ``level`` streams decodes: ``alone_replies`` for one stream, else
     ``rounds`` per stream (at least ``alone_replies``)."""
     return prompts[: args.alone_replies if level == 1 else max(level * args.rounds, args.alone_replies)]
+
+
+def _prefix_cache_ab(engine, prompts: list[list[dict]], args) -> dict:
+    """The batcher with its prompt-prefix cache against without it, same prompts, alternating
+    runs at 1 and at the most streams, best of two each. Each run starts with only the system
+    prompt cached, so only prompts of the run share a help article: where two of its
+    questions are routed to the same one."""
+    budget = engine.prefix_cache_bytes
+    out = {}
+    for level in (1, max(args.levels)):
+        runs: dict[str, list[dict]] = {"on": [], "off": []}
+        for _ in range(2):
+            for state in runs:
+                engine.prefix_cache_bytes = budget if state == "on" else 0
+                try:
+                    runs[state].append(_engine_run(engine, _replies(prompts, level, args), level, args.max_tokens))
+                finally:
+                    engine.prefix_cache_bytes = budget
+        best = {state: max(r, key=lambda row: row["tokens_per_s"]) for state, r in runs.items()}
+        out[f"streams_{level}"] = {**best, "on_over_off": round(best["on"]["tokens_per_s"] / best["off"]["tokens_per_s"], 2)}
+        print("prefix cache", level, out[f"streams_{level}"], flush=True)
+    return out
 
 
 def _weights_ab(original, copy, prompts: list[list[dict]], args) -> dict:

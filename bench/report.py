@@ -163,6 +163,13 @@ def performance() -> list[str]:
         if q4_1:
             out.append(f"\nThe last two columns serve the GGUF as it ships (`TANDEM_RESPONDER_Q8_0_ON_CPU=false python -m bench "
                        f"serving --out serving_q4_1`, {load('serving_q4_1')['machine']['date']}); the others its Q8_0 copy.")
+        no_cache = load("serving_no_prefix_cache")
+        if no_cache:
+            out.append("\nWithout the prompt-prefix cache (`TANDEM_RESPONDER_PREFIX_CACHE_MB=0 python -m bench serving --out "
+                       f"serving_no_prefix_cache`, {no_cache['machine']['date']}), first token p50 / p95: " + ", ".join(
+                           f"{row['concurrent_chats']} chat{'s' if row['concurrent_chats'] > 1 else ''} "
+                           f"{ms(row['first_token_ms_p50'])} / {ms(row['first_token_ms_p95'])}" for row in no_cache["rows"])
+                       + f"; peak RSS of the gen worker {no_cache['peak_rss_mb']['gen_worker']} MB.")
         rss = serving["peak_rss_mb"]
         out.append(f"\nPeak RSS: gen worker {rss['gen_worker']} MB (limit 1,536), nlu worker {rss['nlu_worker']} MB "
                    "(limit 800).\n")
@@ -234,6 +241,17 @@ def decode_table(decode: dict) -> list[str]:
                        f"{name} " + ", ".join(f"{key.split('_')[1]} stream{'s' if key != 'streams_1' else ''} "
                                               f"{v['q8_0_over_original']:.2f}×" for key, v in runs.items())
                        for name, runs in ab.items()) + ".\n")
+    cache = {name: w["prefix_cache"] for name, w in decode["workloads"].items() if "prefix_cache" in w}
+    if cache:
+        out.append("The prompt-prefix cache on against off (`TANDEM_RESPONDER_PREFIX_CACHE_MB=0`), same batcher and "
+                   "prompts, each run starting empty, alternating, best of two: " + "; ".join(
+                       f"{name} " + ", ".join(
+                           f"{key.split('_')[1]} stream{'s' if key != 'streams_1' else ''} "
+                           f"{v['on_over_off']:.2f}× tokens/s, first token p50 {ms(v['on']['first_token_ms_p50'])} "
+                           f"against {ms(v['off']['first_token_ms_p50'])} "
+                           f"({v['on']['prompt_tokens_reused']:,} prompt tokens reused)"
+                           for key, v in runs.items())
+                       for name, runs in cache.items()) + ".\n")
     return out
 
 

@@ -7,9 +7,10 @@ token for each reply from its own sampler chain. Replies join between steps and 
 when done, so a short reply never waits for a long one. Callers see a plain iterator of
 text pieces; the scheduler hands them over through a queue per reply.
 
-Each reply owns a KV-cache sequence (a "slot"). The shared system prompt is decoded
-once and its KV state restored into each new reply's slot instead of recomputed
-(prefix caching). With a single reply active a step is one token, the same work
+Each reply owns a KV-cache sequence (a "slot"). Prompts that begin alike share the KV
+state of that beginning instead of recomputing it (prefix caching): the system prompt,
+which every reply has, and most of the help article, which every question routed to it
+has (see ``_plan_prefix``). With a single reply active a step is one token, the same work
 llama.cpp's own loop does, so the single-stream speed stays llama.cpp's.
 
 On a CPU, a GGUF quantized below 8 bits is served from a Q8_0 copy made once (see
@@ -30,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from pipeline.errors import ModelLoadError, ResponderError
 _DONE = object()  # end-of-reply marker in a reply's queue
 # GGUF file types (llama.h LLAMA_FTYPE_*) served as they are: F32, F16, Q8_0, BF16.
 _EIGHT_BITS_OR_MORE = {0, 1, 7, 32}
+_RECENT_PROMPTS = 64  # prompts remembered (as tokens) to find the beginnings they share
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,8 @@ class _Reply:
     cancelled: bool = False
     slot: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
-    prefix_len: int = 0  # leading prompt tokens that are the shared system prompt
+    cuts: list[int] = field(default_factory=list)  # where the prompt's prefill chunks end
+    save_at: int = 0  # keep the KV state once this many prompt tokens are in (0: don't)
     next_token: int = -1  # sampled, not yet decoded
     n_generated: int = 0
     sampler: object = None
@@ -125,7 +128,7 @@ class LlamaCppBackend:
     name = "llama_cpp"
 
     def __init__(self, model_path: str, threads: int | None = None, slots: int = 16, ctx_per_slot: int = 1024,
-                 prefill_chunk: int = 256, prefix_cache: bool = True, gpu_layers: int = 0,
+                 prefill_chunk: int = 128, prefix_cache_mb: int = 128, gpu_layers: int = 0,
                  q8_0_cache: Path | None = None):
         self.model_path = model_path
         # On a GPU llama.cpp's own 4-bit kernels batch well, and the copy would double the memory.
@@ -135,16 +138,18 @@ class LlamaCppBackend:
         self.slots = slots
         self.ctx_per_slot = ctx_per_slot
         self.prefill_chunk = prefill_chunk
-        self.prefix_cache = prefix_cache
+        self.prefix_cache_bytes = prefix_cache_mb * 2**20
         self.gpu_layers = gpu_layers
         # Re-entrant: a reply that fails while being admitted (lock held) frees its slot too.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Reply] = deque()
         self._active: list[_Reply] = []
-        self._free = list(range(1, slots + 1))  # a heap; sequence 0 holds the cached system prompt
-        self._prefix: list[int] = []
-        self._prefix_state = None
+        self._free = list(range(slots))  # a heap of free sequence ids
+        # Shared prompt beginnings (tokens) -> their saved KV state, least recently used first.
+        self._prefixes: OrderedDict[tuple[int, ...], ctypes.Array] = OrderedDict()
+        self._recent: deque[tuple[int, ...]] = deque(maxlen=_RECENT_PROMPTS)
+        self.prefix_tokens_reused = 0  # for tests and benchmarks
         self._model = None
         self.max_batch_seen = 0  # for tests and benchmarks
         self.tokens_generated = 0
@@ -177,8 +182,8 @@ class LlamaCppBackend:
         except ValueError as exc:
             raise ModelLoadError(f"cannot load GGUF {self.weights_path!r}: {exc}") from None
         params = _internals.LlamaContext.default_params()
-        params.n_seq_max = self.slots + 1
-        params.n_ctx = self.ctx_per_slot * (self.slots + 1)
+        params.n_seq_max = self.slots
+        params.n_ctx = self.ctx_per_slot * self.slots
         params.n_batch = params.n_ubatch = max(self.prefill_chunk + self.slots, 512)
         params.n_threads = params.n_threads_batch = self.threads
         # One KV stream per sequence, so attention reads only its own reply's cells. llama.cpp
@@ -217,7 +222,7 @@ class LlamaCppBackend:
         timeout = limits.timeout_s
         reply = _Reply(prompt=prompt, max_tokens=limits.max_tokens, temperature=limits.temperature,
                        repeat_penalty=limits.repeat_penalty, stop=list(limits.stop), deadline=time.monotonic() + timeout)
-        reply.prefix_len = self._system_prefix_len(messages, prompt)
+        reply.cuts = self._chunk_ends(messages, prompt)
         with self._wake:
             self._waiting.append(reply)
             self._wake.notify()
@@ -239,13 +244,26 @@ class LlamaCppBackend:
         formatted = (formatter or self._formatter)(messages=messages)
         return self._model.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
 
-    def _system_prefix_len(self, messages: list[dict], prompt: list[int]) -> int:
-        """How many leading prompt tokens are the system message alone (0 when there is none)."""
-        if not self.prefix_cache or not messages or messages[0].get("role") != "system":
-            return 0
-        system = self.tokenize_chat(messages[:1], self._system_formatter)
-        # The reply's own prefill must keep at least one token: it yields the first logits.
-        return len(system) if prompt[:len(system)] == system and len(system) < len(prompt) else 0
+    def _chunk_ends(self, messages: list[dict], prompt: list[int]) -> list[int]:
+        """Where the prompt's prefill chunks end: after the system message, then every
+        ``prefill_chunk`` tokens, then at the prompt's end. They depend on the prompt alone, so
+        a reply starting from a cached beginning (always one of these points) computes the same
+        chunks, and gets the same numbers, as one that prefills it all: a redelivered reply
+        (workers.streams.ResumingWriter) must write the text its first try did."""
+        start = 0
+        if messages and messages[0].get("role") == "system":
+            system = self.tokenize_chat(messages[:1], self._system_formatter)
+            if prompt[:len(system)] == system and len(system) < len(prompt):
+                start = len(system)
+        ends = [*range(self.prefill_chunk, start, self.prefill_chunk), start] if start else []
+        ends += range(start + self.prefill_chunk, len(prompt), self.prefill_chunk)
+        return [*ends, len(prompt)]
+
+    def forget_prefixes(self) -> None:
+        """Drop every cached prompt beginning (benchmarks start each run cold)."""
+        with self._lock:
+            self._prefixes.clear()
+            self._recent.clear()
 
     @property
     def busy(self) -> int:
@@ -273,31 +291,42 @@ class LlamaCppBackend:
             self._active.append(reply)
             try:
                 reply.sampler = self._make_sampler(reply)
-                self._share_prefix(reply)
+                if self.prefix_cache_bytes > 0:
+                    self._plan_prefix(reply)
             except Exception as exc:  # fails this reply alone; the scheduler goes on
                 self._finish(reply, ResponderError(f"generation failed: {exc}"))
 
-    def _share_prefix(self, reply: _Reply) -> None:
-        """Start the reply's slot from the cached system prompt when the prompt begins with it.
+    def _plan_prefix(self, reply: _Reply) -> None:
+        """Start the reply from the longest cached beginning of its prompt, and mark the
+        furthest chunk end up to which it shares its prompt with a recent one, to be kept.
 
-        The system prompt is decoded once (in sequence 0) and its KV cells saved; each new
-        reply restores just those cells. (``llama_memory_seq_cp`` between per-sequence KV
-        streams copies a whole stream and measured slower than decoding the prompt again.)"""
-        system = reply.prompt[:reply.prefix_len]
-        if not system:
-            return
+        Nothing needs to know the prompt's layout: the system prompt becomes a cached beginning
+        once two prompts have shared it, and the help article's first chunks once two questions
+        routed to it have. Each is saved from the slot of the reply that reached it, so no
+        extra decoding is done. (Copying KV cells between slots with ``llama_memory_seq_cp``
+        copies a whole per-sequence stream, and measured slower than decoding again.)"""
+        prompt = tuple(reply.prompt)
+        points = reply.cuts[:-1]  # the last chunk stays the reply's own: it yields the first logits
+        cached = max((p for p in self._prefixes if len(p) in points and prompt[:len(p)] == p), key=len, default=())
+        if cached and self._llama.llama_state_seq_set_data(self._ctx.ctx, self._prefixes[cached],
+                                                           len(self._prefixes[cached]), reply.slot):
+            self._prefixes.move_to_end(cached)
+            reply.fed = len(cached)
+            self.prefix_tokens_reused += len(cached)
+        shared = max((_common_length(prompt, p) for p in self._recent), default=0)
+        reply.save_at = max((point for point in points if reply.fed < point <= shared), default=0)
+        self._recent.append(prompt)
+
+    def _keep_prefix(self, reply: _Reply) -> None:
+        """Save the slot's KV state, which holds exactly the first ``save_at`` prompt tokens."""
         llama, ctx = self._llama, self._ctx.ctx
-        if system != self._prefix:
-            self._memory_rm(0)
-            self._decode_tokens(system, seq=0)
-            size = llama.llama_state_seq_get_size(ctx, 0)
-            self._prefix_state = (ctypes.c_uint8 * size)()
-            llama.llama_state_seq_get_data(ctx, self._prefix_state, size, 0)
-            self._memory_rm(0)
-            self._prefix = system
-        if llama.llama_state_seq_set_data(ctx, self._prefix_state, len(self._prefix_state), reply.slot) == 0:
-            return  # not restored: the reply prefills its whole prompt
-        reply.fed = len(system)
+        size = llama.llama_state_seq_get_size(ctx, reply.slot)
+        state = (ctypes.c_uint8 * size)()
+        llama.llama_state_seq_get_data(ctx, state, size, reply.slot)
+        self._prefixes[tuple(reply.prompt[:reply.save_at])] = state
+        reply.save_at = 0
+        while sum(len(s) for s in self._prefixes.values()) > self.prefix_cache_bytes:
+            self._prefixes.popitem(last=False)
 
     def _make_sampler(self, reply: _Reply):
         sampler = self._internals.LlamaSampler()
@@ -331,8 +360,8 @@ class LlamaCppBackend:
             if reply.fed == len(reply.prompt):
                 self._add(reply.next_token, reply.fed + reply.n_generated - 1, reply.slot, True)
                 sampled.append((reply, batch.n_tokens - 1))
-            elif budget > 0:
-                take = min(len(reply.prompt) - reply.fed, budget, self.prefill_chunk)
+            elif (take := next(end for end in reply.cuts if end > reply.fed) - reply.fed) <= budget:
+                # a whole chunk or none: chunks must end where _chunk_ends puts them
                 for i in range(reply.fed, reply.fed + take):
                     self._add(reply.prompt[i], i, reply.slot, i == len(reply.prompt) - 1)
                 reply.fed += take
@@ -345,6 +374,9 @@ class LlamaCppBackend:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         self.max_batch_seen = max(self.max_batch_seen, len(sampled))
+        for reply in self._active:
+            if reply.save_at and reply.fed == reply.save_at:
+                self._keep_prefix(reply)
         for reply, index in sampled:
             token = reply.sampler.sample(self._ctx, index)
             self._emit(reply, token)
@@ -387,14 +419,20 @@ class LlamaCppBackend:
         batch.seq_id[i][0] = seq
         batch.n_tokens = i + 1
 
-    def _decode_tokens(self, tokens: list[int], seq: int) -> None:
-        """Decode ``tokens`` from position 0 of sequence ``seq``, no logits."""
-        for offset in range(0, len(tokens), self._n_batch):
-            self._batch.n_tokens = 0
-            for i, token in enumerate(tokens[offset:offset + self._n_batch], start=offset):
-                self._add(token, i, seq, False)
-            if self._llama.llama_decode(self._ctx.ctx, self._batch) != 0:
-                raise RuntimeError("llama_decode failed on the system prompt")
-
     def _memory_rm(self, seq: int) -> None:
         self._llama.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+
+def _common_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -183,6 +183,7 @@ def make_backend(settings) -> GenerationBackend:
     if settings.responder_backend == "llama_cpp":
         return LlamaCppBackend(settings.responder_model, threads=settings.responder_threads, slots=settings.responder_slots,
                                ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=settings.responder_gpu_layers,
+                               prefix_cache_mb=settings.responder_prefix_cache_mb,
                                q8_0_cache=settings.data_dir / "models" if settings.responder_q8_0_on_cpu else None)
     if settings.responder_backend == "transformers":
         return TransformersBackend(settings.responder_model, device=settings.responder_device,

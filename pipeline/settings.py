@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # llama_cpp: replies decoded together by continuous batching, and each one's context (prompt + reply)
     responder_slots: int = Field(default=16, ge=1, le=64)
     responder_ctx_per_slot: int = Field(default=1024, ge=256)
+    # llama_cpp: memory for the KV state of prompt beginnings that replies share (the system
+    # prompt; the help article of questions routed to it), reused instead of prefilled again.
+    # About 23 KB a token on the bundled SmolLM2, 6-7 MB an article; 0 turns it off.
+    responder_prefix_cache_mb: int = Field(default=128, ge=0)
     # The gen worker's Celery pool. "solo" runs one reply task at a time (batch drafts still
     # decode together). "threads" runs one task per slot so concurrent chats decode together;
     # it rides out a Redis restart mid-reply since workers.app.BrokerTransport (README, Workers

@@ -27,3 +27,13 @@ def test_the_decode_block_names_the_q8_0_copy_and_its_gain():
 def test_a_file_served_as_it_is_gets_no_copy_line():
     text = "\n".join(decode_table(_decode("SmolLM2.Q4_1.gguf", with_ab=False)))
     assert "Q8_0" not in text
+
+
+def test_the_decode_block_gives_the_prefix_cache_against_none():
+    decode = _decode("SmolLM2.Q4_1.gguf", with_ab=False)
+    run = {"tokens_per_s": 60.0, "first_token_ms_p50": 200.0, "prompt_tokens_reused": 5000}
+    decode["workloads"]["short"]["prefix_cache"] = {
+        "streams_16": {"on": run, "off": {**run, "tokens_per_s": 40.0, "first_token_ms_p50": 500.0,
+                                          "prompt_tokens_reused": 0}, "on_over_off": 1.5}}
+    text = "\n".join(decode_table(decode))
+    assert "short 16 streams 1.50× tokens/s, first token p50 200 ms against 500 ms (5,000 prompt tokens reused)" in text

@@ -9,9 +9,10 @@ import time
 import pytest
 
 from pipeline.errors import ModelLoadError, ResponderError
-from pipeline.knowledge import Passage
-from pipeline.llama_cpp_backend import LlamaCppBackend, gguf_file_type, q8_0_copy
+from pipeline.knowledge import Passage, load_articles
+from pipeline.llama_cpp_backend import LlamaCppBackend, _common_length, gguf_file_type, q8_0_copy
 from pipeline.responder import GenerationLimits, build_messages
+from pipeline.settings import PACKAGE_DATA
 
 from ..helpers import wait_until
 
@@ -139,11 +140,55 @@ def test_a_prompt_longer_than_a_slot_is_a_clear_error(engine):
         list(engine.stream(huge, LIMITS))
 
 
-def test_the_system_prompt_is_decoded_once_and_shared(engine, solo):
-    assert engine._prefix, "the shared system prompt is cached in its own sequence"
-    system_only = engine.tokenize_chat(PROMPTS[0][:1], engine._system_formatter)
-    assert engine._prefix == system_only
-    assert "".join(engine.stream(PROMPTS[2], LIMITS)) == solo[2]
+def test_prompts_that_begin_alike_reuse_the_kv_state_of_their_shared_beginning(settings):
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=1024)
+    engine.warm_up()
+    (article,) = load_articles(PACKAGE_DATA / "helpcentre" / "card-delivery-estimate.md")
+    passage = Passage(article_id=article.id, title=article.title, url="", text=article.body, score=1.0)
+    first, second = (build_messages(q, "card_delivery_estimate", [passage])
+                     for q in ("How long will my card take to arrive?", "Can I pay for faster delivery?"))
+    system = tuple(engine.tokenize_chat(first[:1], engine._system_formatter))
+
+    def reply(prompt) -> str:
+        return "".join(engine.stream(prompt, LIMITS))
+
+    cold = reply(first)
+    assert engine.prefix_tokens_reused == 0 and not engine._prefixes
+    reply(PROMPTS[1])  # another article: the two prompts share the system prompt, which is kept
+    assert list(engine._prefixes) == [system] and engine.prefix_tokens_reused == 0
+    reply(second)  # the first article again: starts after the system prompt, keeps the article's first chunks
+    assert engine.prefix_tokens_reused == len(system)
+    kept = max(engine._prefixes, key=len)
+    assert len(kept) >= len(system) + engine.prefill_chunk
+    assert article.body[:80] in engine._model.detokenize(list(kept)).decode()
+    before = engine.prefix_tokens_reused
+    warm = reply(first)
+    assert engine.prefix_tokens_reused - before == len(kept)
+    # The same chunks whether or not the beginning came from the cache, so the same reply:
+    # a reply redelivered to a worker with another cache writes what its first try wrote.
+    assert warm == cold
+
+
+def test_the_prefix_cache_stays_within_its_memory_budget(settings):
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512, prefix_cache_mb=1)
+    engine.warm_up()
+    for prompt in PROMPTS:
+        list(engine.stream(prompt, GenerationLimits(max_tokens=1)))
+    assert sum(len(state) for state in engine._prefixes.values()) <= 2**20
+    off = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512, prefix_cache_mb=0)
+    off.warm_up()
+    for prompt in [*PROMPTS, PROMPTS[0]]:
+        list(off.stream(prompt, GenerationLimits(max_tokens=1)))
+    assert not off._prefixes and off.prefix_tokens_reused == 0
+
+
+def test_common_length_counts_shared_leading_tokens():
+    assert _common_length((1, 2, 3, 4), (1, 2, 9)) == 2
+    assert _common_length((1, 2), (1, 2, 3)) == 2
+    assert _common_length((5,), (6,)) == 0
+    assert _common_length((), (1,)) == 0
+    long = tuple(range(300))
+    assert _common_length(long, (*long[:217], -1)) == 217
 
 
 def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypatch):
@@ -157,10 +202,9 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     def recording_step() -> None:
         steps.append([])
         step()
-        steps.append([])  # the system prompt, decoded into sequence 0 on admission, is no step
 
     def recording_add(token: int, pos: int, seq: int, logits: bool) -> None:
-        if steps and seq:
+        if steps:
             steps[-1].append(seq)
         add(token, pos, seq, logits)
 
@@ -168,11 +212,11 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     monkeypatch.setattr(engine, "_add", recording_add)
     long = threading.Thread(target=lambda: list(engine.stream(PROMPTS[0], GenerationLimits(max_tokens=60))))
     long.start()
-    list(engine.stream(PROMPTS[1], GenerationLimits(max_tokens=2)))  # leaves slot 2 free again
-    list(engine.stream(PROMPTS[2], GenerationLimits(max_tokens=2)))  # must take slot 2, not 3 or 4
+    list(engine.stream(PROMPTS[1], GenerationLimits(max_tokens=2)))  # leaves slot 1 free again
+    list(engine.stream(PROMPTS[2], GenerationLimits(max_tokens=2)))  # must take slot 1, not 2 or 3
     long.join(60)
     used = {seq for fed in steps for seq in fed}
-    assert used == {1, 2}
+    assert used == {0, 1}
     decoding = [[seq for i, seq in enumerate(fed) if i == 0 or seq != fed[i - 1]] for fed in steps]
     assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
 
