@@ -162,11 +162,7 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
                 if i == 0:
                     first_token.append((time.perf_counter() - t0) * 1000)
 
-    # Only prompts of this run share help articles; the system prompt is cached, as on a
-    # server that has been running (two prompts that share it make it a cached beginning).
-    engine.forget_prefixes()
-    for question in ("hi", "hello"):
-        list(engine.stream([prompts[0][0], {"role": "user", "content": question}], GenerationLimits(max_tokens=1)))
+    _only_system_prompt_cached(engine, prompts[0][0])
     before, reused = engine.tokens_generated, engine.prefix_tokens_reused
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -179,6 +175,16 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
     return {"streams": concurrency, "replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1),
             "prompt_tokens_reused": engine.prefix_tokens_reused - reused}
+
+
+def _only_system_prompt_cached(engine, system: dict) -> None:
+    """Forget cached prompt beginnings but the system prompt's, as on a server that has been
+    running: a run's prompts then share only what they share with each other."""
+    from pipeline.responder import GenerationLimits
+
+    engine.forget_prefixes()
+    for question in ("hi", "hello"):  # two prompts that share the system prompt make it a cached beginning
+        list(engine.stream([system, {"role": "user", "content": question}], GenerationLimits(max_tokens=1)))
 
 
 def _llama_cpp_alone(llm, prompts: list[list[dict]], max_tokens: int) -> dict:
@@ -311,34 +317,65 @@ def _gpu_name() -> str | None:
 
 # ---------------------------------------------------------------------------------- e2e
 
-def bench_e2e(args) -> None:
+def _draft_tickets(pipeline, texts: list[str]) -> dict:
+    """Tickets/min of classify + retrieve + draft, the drafts decoded together (as draft_batch does)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bench import peers
-    from pipeline.chain import Understanding
-
-    texts, _ = banking77_test(args.tickets)
-    pipeline = _pipeline(max_tokens=args.max_tokens)
-    pipeline.run("warm up")
     started = time.perf_counter()
     understood = []
     for i in range(0, len(texts), 64):
         understood.extend(pipeline.understand(texts[i:i + 64]))
-
-    def draft(u: Understanding) -> str:
-        return pipeline.run_understood(u).reply
-
     with ThreadPoolExecutor(max_workers=pipeline.settings.responder_slots) as pool:
-        replies = list(pool.map(draft, understood))
-    ours = {"tickets_per_min": round(len(texts) / (time.perf_counter() - started) * 60, 1), "n": len(texts),
+        replies = list(pool.map(lambda u: pipeline.run_understood(u).reply, understood))
+    return {"tickets_per_min": round(len(texts) / (time.perf_counter() - started) * 60, 1), "n": len(texts),
             "drafted": sum(bool(r) for r in replies)}
+
+
+def _prefix_cache_e2e(pipeline, n: int) -> dict:
+    """Drafting ``n`` tickets drawn at random from the BANKING77 test split (seeded), with the
+    prompt-prefix cache on and off, alternating, best of two; each run starts with only the
+    system prompt cached. Random tickets repeat intents as a day's tickets do; the spread sample
+    the peers get has each intent at most once."""
+    import random
+
+    from pipeline.responder import SYSTEM_PROMPT
+
+    texts = random.Random(0).sample(banking77_test()[0], n)
+    engine = pipeline.responder.backend
+    budget = engine.prefix_cache_bytes
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for _ in range(2):
+        for state in runs:
+            engine.prefix_cache_bytes = budget if state == "on" else 0
+            try:
+                _only_system_prompt_cached(engine, {"role": "system", "content": SYSTEM_PROMPT})
+                pipeline._vectors.clear()
+                reused = engine.prefix_tokens_reused
+                runs[state].append({**_draft_tickets(pipeline, texts), "prompt_tokens_reused": engine.prefix_tokens_reused - reused})
+            finally:
+                engine.prefix_cache_bytes = budget
+    best = {state: max(r, key=lambda row: row["tickets_per_min"]) for state, r in runs.items()}
+    return {**best, "intents": len({u.intent for u in pipeline.understand(texts)}),
+            "on_over_off": round(best["on"]["tickets_per_min"] / best["off"]["tickets_per_min"], 2)}
+
+
+def bench_e2e(args) -> None:
+    from bench import peers
+
+    texts, _ = banking77_test(args.tickets)
+    pipeline = _pipeline(max_tokens=args.max_tokens)
+    pipeline.run("warm up")
+    ours = _draft_tickets(pipeline, texts)
     print("ours", ours, flush=True)
+    cache = _prefix_cache_e2e(pipeline, args.tickets) if pipeline.settings.responder_backend == "llama_cpp" else None
+    print("prefix cache", cache, flush=True)
+    del pipeline
     small, _ = banking77_test(args.peer_tickets)
     rows = {"ours": ours, "naive": peers.naive_e2e(small, max_tokens=args.max_tokens)}
     print(rows, flush=True)
     rows["haystack"] = peers.haystack_e2e(small, max_tokens=args.max_tokens)
     print(rows, flush=True)
-    save("e2e", {"max_tokens": args.max_tokens, "rows": rows,
+    save("e2e", {"max_tokens": args.max_tokens, "rows": rows, "prefix_cache_random_tickets": cache,
                  "ratios": {f"ours_over_{k}": round(ours["tickets_per_min"] / v["tickets_per_min"], 2)
                             for k, v in rows.items() if k != "ours"}})
 

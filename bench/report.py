@@ -145,6 +145,13 @@ def performance() -> list[str]:
             if key in r:
                 out.append(f"| {key} | {r[key]['tickets_per_min']} | {r[key]['n']} |")
         out.append("\n" + ", ".join(f"{k.replace('_', ' ')}: {v}×" for k, v in e2e["ratios"].items()) + ".\n")
+        cache = e2e.get("prefix_cache_random_tickets")
+        if cache:
+            out.append(f"{cache['on']['n']} tickets drawn at random from the test split ({cache['intents']} intents among "
+                       f"them), drafted with the prompt-prefix cache on and off (alternating, best of two, each run "
+                       f"starting with only the system prompt cached): {cache['on']['tickets_per_min']} against "
+                       f"{cache['off']['tickets_per_min']} tickets/min, {cache['on_over_off']}×; "
+                       f"{cache['on']['prompt_tokens_reused']:,} prompt tokens reused.\n")
     serving = load("serving")
     if serving:
         out.append(f"**Serving** through Redis and the real workers (nlu + gen with `TANDEM_GEN_POOL=threads`, "
@@ -244,7 +251,8 @@ def decode_table(decode: dict) -> list[str]:
     cache = {name: w["prefix_cache"] for name, w in decode["workloads"].items() if "prefix_cache" in w}
     if cache:
         out.append("The prompt-prefix cache on against off (`TANDEM_RESPONDER_PREFIX_CACHE_MB=0`), same batcher and "
-                   "prompts, each run starting empty, alternating, best of two: " + "; ".join(
+                   "prompts, alternating, best of two; each run starts with only the system prompt cached when on, and "
+                   "a run's questions share an article only where two were routed to the same one: " + "; ".join(
                        f"{name} " + ", ".join(
                            f"{key.split('_')[1]} stream{'s' if key != 'streams_1' else ''} "
                            f"{v['on_over_off']:.2f}× tokens/s, first token p50 {ms(v['on']['first_token_ms_p50'])} "
