@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.__main__ import RESULTS, _pipeline, banking77_test, machine, private_redis, running_workers, save, wait_for_queues
@@ -269,24 +270,31 @@ def _replies(prompts: list[list[dict]], level: int, args) -> list[list[dict]]:
     return prompts[: args.alone_replies if level == 1 else max(level * args.rounds, args.alone_replies)]
 
 
-def _prefix_cache_ab(engine, prompts: list[list[dict]], args) -> dict:
-    """The batcher with its prompt-prefix cache against without it, same prompts, alternating
-    runs at 1 and at the most streams, best of two each. Each run starts with only the system
-    prompt cached, so only prompts of the run share a help article: where two of its
-    questions are routed to the same one."""
+def _prefix_cache_on_off(engine, run: Callable[[], dict], speed: str) -> dict:
+    """``run`` with the batcher's prompt-prefix cache on and off, alternating, best of two each
+    by ``speed``. Each run is to start with only the system prompt cached
+    (``_only_system_prompt_cached``), so its prompts share only what they share with each other."""
     budget = engine.prefix_cache_bytes
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for _ in range(2):
+        for state in runs:
+            engine.prefix_cache_bytes = budget if state == "on" else 0
+            try:
+                runs[state].append(run())
+            finally:
+                engine.prefix_cache_bytes = budget
+    best = {state: max(r, key=lambda row: row[speed]) for state, r in runs.items()}
+    return {**best, "on_over_off": round(best["on"][speed] / best["off"][speed], 2)}
+
+
+def _prefix_cache_ab(engine, prompts: list[list[dict]], args) -> dict:
+    """The prompt-prefix cache on and off at 1 and at the most streams, same prompts: a help
+    article is shared only where two of the run's questions are routed to the same one."""
     out = {}
     for level in (1, max(args.levels)):
-        runs: dict[str, list[dict]] = {"on": [], "off": []}
-        for _ in range(2):
-            for state in runs:
-                engine.prefix_cache_bytes = budget if state == "on" else 0
-                try:
-                    runs[state].append(_engine_run(engine, _replies(prompts, level, args), level, args.max_tokens))
-                finally:
-                    engine.prefix_cache_bytes = budget
-        best = {state: max(r, key=lambda row: row["tokens_per_s"]) for state, r in runs.items()}
-        out[f"streams_{level}"] = {**best, "on_over_off": round(best["on"]["tokens_per_s"] / best["off"]["tokens_per_s"], 2)}
+        out[f"streams_{level}"] = _prefix_cache_on_off(
+            engine, lambda level=level: _engine_run(engine, _replies(prompts, level, args), level, args.max_tokens),
+            "tokens_per_s")
         print("prefix cache", level, out[f"streams_{level}"], flush=True)
     return out
 
@@ -342,21 +350,15 @@ def _prefix_cache_e2e(pipeline, n: int) -> dict:
 
     texts = random.Random(0).sample(banking77_test()[0], n)
     engine = pipeline.responder.backend
-    budget = engine.prefix_cache_bytes
-    runs: dict[str, list[dict]] = {"on": [], "off": []}
-    for _ in range(2):
-        for state in runs:
-            engine.prefix_cache_bytes = budget if state == "on" else 0
-            try:
-                _only_system_prompt_cached(engine, {"role": "system", "content": SYSTEM_PROMPT})
-                pipeline._vectors.clear()
-                reused = engine.prefix_tokens_reused
-                runs[state].append({**_draft_tickets(pipeline, texts), "prompt_tokens_reused": engine.prefix_tokens_reused - reused})
-            finally:
-                engine.prefix_cache_bytes = budget
-    best = {state: max(r, key=lambda row: row["tickets_per_min"]) for state, r in runs.items()}
-    return {**best, "intents": len({u.intent for u in pipeline.understand(texts)}),
-            "on_over_off": round(best["on"]["tickets_per_min"] / best["off"]["tickets_per_min"], 2)}
+
+    def run() -> dict:
+        _only_system_prompt_cached(engine, {"role": "system", "content": SYSTEM_PROMPT})
+        pipeline._vectors.clear()
+        reused = engine.prefix_tokens_reused
+        return {**_draft_tickets(pipeline, texts), "prompt_tokens_reused": engine.prefix_tokens_reused - reused}
+
+    return {**_prefix_cache_on_off(engine, run, "tickets_per_min"),
+            "intents": len({u.intent for u in pipeline.understand(texts)})}
 
 
 def bench_e2e(args) -> None:
