@@ -99,10 +99,11 @@ def bench_nlu(args) -> None:
     print(rows, flush=True)
     del pipeline
     small_texts, small_labels = banking77_test(args.peer_tickets)
-    rows["naive"] = peers.naive_nlu(small_texts, small_labels)
-    print(rows, flush=True)
-    rows["haystack"] = peers.haystack_nlu(small_texts, small_labels)
-    print(rows, flush=True)
+    # Best of two as well: a 200-ticket run lasts seconds, and one run's speed swung by a
+    # quarter between two runs of the suite (2026-11-23).
+    for name, run in (("naive", peers.naive_nlu), ("haystack", peers.haystack_nlu)):
+        rows[name] = max((run(small_texts, small_labels) for _ in range(2)), key=lambda row: row["tickets_per_s"])
+        print(rows, flush=True)
     accuracy = {}
     if args.full_accuracy:  # the 0.3-point rule for int8 is judged on all 3,080 test messages
         all_texts, all_labels = banking77_test()

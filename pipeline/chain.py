@@ -164,30 +164,48 @@ class HybridPipeline:
 
     def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
         vectors = self._encode([u.message for u in understandings])
-        for understanding, vector in zip(understandings, vectors):
-            started = time.perf_counter()
-            if not understanding.out_of_scope:
-                understanding.passages = self.retrieve(vector, understanding.top_intents)
-            understanding.timings_ms["retrieve"] = round((time.perf_counter() - started) * 1000, 2)
+        rows = [i for i, u in enumerate(understandings) if not u.out_of_scope]
+        started = time.perf_counter()
+        found = self.retrieve_many(vectors[rows], [understandings[i].top_intents for i in rows])
+        per_message = round((time.perf_counter() - started) * 1000 / max(len(rows), 1), 2)
+        for i, passages in zip(rows, found):
+            understandings[i].passages = passages
+        for understanding in understandings:
+            understanding.timings_ms["retrieve"] = per_message if not understanding.out_of_scope else 0.0
         return understandings
 
     def _encode(self, messages: list[str]) -> np.ndarray:
         return self._vectors(messages) if messages else np.zeros((0, self.encoder.dim), np.float32)
 
     def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None) -> list[Passage]:
+        return self.retrieve_many(embedding.reshape(1, -1), [top_intents])[0]
+
+    def retrieve_many(self, embeddings: np.ndarray, top_intents: list[list[dict] | None]) -> list[list[Passage]]:
+        """The passages for each embedding: its nearest ones, and with intent routing on, the
+        nearest in the articles of its top intents, each scored by similarity plus the
+        probability of the article's intent. One passage per article."""
         k = self.settings.top_k
-        candidates = {(p.article_id, p.text): p for p in self.index.search(embedding, 4 * k)}
-        if not top_intents or not self.settings.route_by_intent:
-            return list(candidates.values())[:k]
-        probability = {t["intent"]: t["confidence"] for t in top_intents}
-        routed = self.index.search(embedding, k, intents=list(probability))
-        candidates.update({(p.article_id, p.text): p for p in routed})
-        best: dict[str, Passage] = {}  # one passage per article: k results are k different articles
-        for passage in candidates.values():
-            passage.score = round(passage.score + max((probability.get(i, 0.0) for i in passage.intents), default=0.0), 4)
-            if passage.article_id not in best or passage.score > best[passage.article_id].score:
-                best[passage.article_id] = passage
-        return sorted(best.values(), key=lambda p: -p.score)[:k]
+        nearest = self.index.search_many(embeddings, 4 * k)
+        routed_rows = [i for i, top in enumerate(top_intents) if top and self.settings.route_by_intent]
+        probabilities = {i: {t["intent"]: t["confidence"] for t in top_intents[i]} for i in routed_rows}
+        routed = dict(zip(routed_rows, self.index.search_many(embeddings[routed_rows], k,
+                                                               [list(probabilities[i]) for i in routed_rows])))
+        results = []
+        for i, passages in enumerate(nearest):
+            candidates = {(p.article_id, p.text): p for p in passages}
+            if i not in routed:
+                results.append(list(candidates.values())[:k])
+                continue
+            candidates.update({(p.article_id, p.text): p for p in routed[i]})
+            probability = probabilities[i]
+            best: dict[str, Passage] = {}  # one passage per article: k results are k different articles
+            for passage in candidates.values():
+                passage.score = round(passage.score + max((probability.get(t, 0.0) for t in passage.intents),
+                                                          default=0.0), 4)
+                if passage.article_id not in best or passage.score > best[passage.article_id].score:
+                    best[passage.article_id] = passage
+            results.append(sorted(best.values(), key=lambda p: -p.score)[:k])
+        return results
 
     # ------------------------------------------------------------------ GPT side
     def respond(self, understanding: Understanding, history: list[dict] | None = None,

@@ -30,11 +30,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.sparse import csr_matrix
 
 from pipeline.encoder import SentenceEncoder
 from pipeline.errors import InputError, ModelLoadError
 
 ARTIFACT_FORMAT = 1
+_WORD_CACHE_SIZE = 100_000  # words whose character n-grams LexicalModel keeps
 # Methods whose artifact is a peft adapter over the base encoder (saved in ``adapter/``).
 ADAPTER_METHODS = ("lora", "prefix", "prompt")
 METHODS = ("head", "finetune", *ADAPTER_METHODS)
@@ -96,12 +98,45 @@ class LexicalModel:
         self.weight, self.bias = weight, bias
         # Stored as float16; converted once here rather than copied on every call.
         self._weight_t = np.ascontiguousarray(weight.T, dtype=np.float32)
+        self._word_cache: dict[str, np.ndarray] = {}  # see _char_tfidf
 
     def logits(self, texts: list[str]) -> np.ndarray:
         from scipy.sparse import hstack
 
-        x = hstack([self.word.transform(texts), self.char.transform(texts)]).tocsr()
+        x = hstack([self.word.transform(texts), self._char_tfidf(texts)]).tocsr()
         return np.asarray(x @ self._weight_t) + self.bias
+
+    def _char_tfidf(self, texts: list[str]) -> csr_matrix:
+        """``self.char.transform(texts)``, from per-word counts kept in a cache.
+
+        Character n-grams never cross a word boundary, so a message's counts are the sum of its
+        words' counts, and words repeat across tickets far more than messages do. sklearn's
+        transform spent most of its time collecting n-grams in Python: this took the n-gram
+        model from a tenth of NLU time to a twentieth (profile, 2 cores, 2026-11-23)."""
+        from sklearn.preprocessing import normalize
+
+        indices: list[np.ndarray] = []
+        indptr = [0]
+        for text in texts:
+            words = [self._word_ngrams(word) for word in text.lower().split()]
+            indices.extend(words)
+            indptr.append(indptr[-1] + sum(len(w) for w in words))
+        flat = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+        x = csr_matrix((np.ones(len(flat)), flat, indptr), shape=(len(texts), len(self.char.vocabulary)))
+        x.sum_duplicates()  # counts
+        x.data = (np.log(x.data) + 1) * self.char.idf_[x.indices]  # sublinear tf, times idf
+        return normalize(x)
+
+    def _word_ngrams(self, word: str) -> np.ndarray:
+        """Vocabulary ids of one lower-cased word's character n-grams, repeats kept."""
+        found = self._word_cache.get(word)
+        if found is None:
+            vocab = self.char.vocabulary
+            found = np.array([vocab[g] for g in self.char._char_wb_ngrams(word) if g in vocab], np.int64)
+            if len(self._word_cache) >= _WORD_CACHE_SIZE:
+                self._word_cache.clear()
+            self._word_cache[word] = found
+        return found
 
     @classmethod
     def fit(cls, texts: list[str], y: np.ndarray, n_classes: int, c: float) -> LexicalModel:

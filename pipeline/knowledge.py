@@ -204,6 +204,7 @@ class KnowledgeIndex:
         self.chunks: dict[int, _Chunk] = {}
         self.vector_chunk: dict[int, int] = {}  # vector id -> chunk id
         self.article_vectors: dict[str, list[int]] = {}
+        self._by_intent: dict[str, list[int]] | None = None  # see _intent_vectors
         self._next_id = 0
         self._faiss: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
@@ -259,6 +260,7 @@ class KnowledgeIndex:
                 self.vector_chunk[vector_id] = chunk_id
                 self.article_vectors.setdefault(self.chunks[chunk_id].article_id, []).append(vector_id)
             self._add(vectors, ids)
+        self._by_intent = None
         return counts
 
     def delete(self, article_ids: Iterable[str]) -> int:
@@ -275,6 +277,7 @@ class KnowledgeIndex:
         return self._next_id
 
     def _remove(self, article_id: str) -> None:
+        self._by_intent = None
         vector_ids = self.article_vectors.pop(article_id, [])
         if vector_ids:
             self._faiss.remove_ids(np.array(vector_ids, dtype=np.int64))
@@ -307,29 +310,43 @@ class KnowledgeIndex:
     # -- search -------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int = 3, intents: Iterable[str] | None = None) -> list[Passage]:
         """The k best passages for one query vector; ``intents`` keeps only articles tagged with one."""
+        return self.search_many(query.reshape(1, -1), k, None if intents is None else [intents])[0]
+
+    def search_many(self, queries: np.ndarray, k: int = 3,
+                    intents: list[Iterable[str]] | None = None) -> list[list[Passage]]:
+        """``search`` for each row of ``queries``, with ``intents[i]`` filtering row i.
+
+        Without filters the rows go to FAISS in one call; with them, rows that share a filter do.
+        Per-row calls had made retrieval an eighth of NLU time (profile, 2 cores, 2026-11-23)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if self._faiss.ntotal == 0:
-            return []
-        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
-        params = None
-        if intents is not None:
-            wanted = set(intents)
-            allowed = [v for a, vs in self.article_vectors.items()
-                       if wanted.intersection(self.articles[a].intents) for v in vs]
-            if not allowed:
-                return []
-            selector = faiss.IDSelectorBatch(np.array(allowed, dtype=np.int64))
-            params = (faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe()) if not self._is_exact()
-                      else faiss.SearchParameters(sel=selector))
+            return [[] for _ in queries]
         # Several vectors can point at one passage: over-fetch, keep each passage's best score.
         fetch = min(self._faiss.ntotal, max(4 * k, k + 16))
+        groups: dict[frozenset[str] | None, list[int]] = {}
+        for row in range(len(queries)):
+            groups.setdefault(None if intents is None else frozenset(intents[row]), []).append(row)
+        results: list[list[Passage]] = [[] for _ in queries]
         with _one_openmp_thread():
-            scores, ids = self._faiss.search(query, fetch, params=params)
+            for wanted, rows in groups.items():
+                params = None
+                if wanted is not None:
+                    allowed = {v for intent in wanted for v in self._intent_vectors().get(intent, ())}
+                    if not allowed:
+                        continue
+                    selector = faiss.IDSelectorBatch(np.fromiter(allowed, np.int64, len(allowed)))
+                    params = (faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe()) if not self._is_exact()
+                              else faiss.SearchParameters(sel=selector))
+                scores, ids = self._faiss.search(queries[rows], fetch, params=params)
+                for row, row_scores, row_ids in zip(rows, scores.tolist(), ids.tolist()):
+                    results[row] = self._passages(row_scores, row_ids, k)
+        return results
+
+    def _passages(self, scores: list[float], vector_ids: list[int], k: int) -> list[Passage]:
         best: dict[int, float] = {}
-        for score, vector_id in zip(scores[0].tolist(), ids[0].tolist()):
-            if vector_id < 0:
-                continue
-            chunk_id = self.vector_chunk[vector_id]
-            best.setdefault(chunk_id, score)
+        for score, vector_id in zip(scores, vector_ids):
+            if vector_id >= 0:
+                best.setdefault(self.vector_chunk[vector_id], score)
         passages = []
         for chunk_id, score in sorted(best.items(), key=lambda item: -item[1])[:k]:
             chunk = self.chunks[chunk_id]
@@ -337,6 +354,17 @@ class KnowledgeIndex:
             passages.append(Passage(article_id=article.id, title=article.title, url=article.url,
                                     text=chunk.text, score=round(float(score), 4), intents=list(article.intents)))
         return passages
+
+    def _intent_vectors(self) -> dict[str, list[int]]:
+        """Intent -> ids of the vectors of articles tagged with it (rebuilt after a change)."""
+        by_intent = self._by_intent
+        if by_intent is None:
+            by_intent = {}  # built aside, so a search in another thread never sees it half-filled
+            for article_id, vector_ids in self.article_vectors.items():
+                for intent in set(self.articles[article_id].intents):
+                    by_intent.setdefault(intent, []).extend(vector_ids)
+            self._by_intent = by_intent
+        return by_intent
 
     def _nprobe(self) -> int:
         return self._faiss.nprobe

@@ -159,3 +159,14 @@ def test_shipped_model_is_the_banking77_default():
     model = IntentClassifier.load(Settings().resolved_intent_model)
     assert len(model.labels) == 77
     assert model.metrics["method"] == "head" and model.lexical is not None
+
+
+def test_lexical_character_features_match_sklearns_transform():
+    from pipeline.classifier import LexicalModel
+
+    texts = ["my card was declined", "card declined again", "top up failed", "Top-up FAILED!!", "where is my card"] * 2
+    model = LexicalModel.fit(texts, np.array([0, 0, 1, 1, 2] * 2), 3, c=1.0)
+    queries = ["My CARD   declined\tagain", "", "😀 top up", "x" * 300, "unseen words only", "card card card"]
+    for _ in range(2):  # cold, then from the word cache
+        ours = model._char_tfidf(queries).toarray()
+        assert np.allclose(ours, model.char.transform(queries).toarray(), atol=1e-12)

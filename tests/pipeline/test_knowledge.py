@@ -118,6 +118,23 @@ def test_intent_filter_keeps_only_tagged_articles():
     assert index.search(fake_embed(["q"])[0], k=3, intents=["unknown"]) == []
 
 
+def test_search_many_equals_one_search_per_row_and_follows_article_changes():
+    index = KnowledgeIndex(dim=8, encoder="fake")
+    index.upsert([make_article(0, intents=("x",)), make_article(1, intents=("y",)),
+                  make_article(2, intents=("x", "y"))], fake_embed)
+    queries = fake_embed(["Title 0\nbody text 0", "q", "Title 2\nbody text 2", "r"])
+    filters = [["y"], ["x"], ["y"], ["unknown"]]
+    assert index.search_many(queries, 2, filters) == [index.search(q, 2, intents=f) for q, f in zip(queries, filters)]
+    assert index.search_many(queries, 2) == [index.search(q, 2) for q in queries]
+    assert index.search_many(queries[:0], 2) == []
+    # the intent -> vectors map is rebuilt after a change, not served stale
+    assert index.search(queries[1], 3, intents=["z"]) == []
+    index.upsert([make_article(3, intents=("z",))], fake_embed)
+    assert [p.article_id for p in index.search(queries[1], 3, intents=["z"])] == ["a3"]
+    index.delete(["a3"])
+    assert index.search(queries[1], 3, intents=["z"]) == []
+
+
 def test_a_search_runs_faiss_on_one_thread_and_leaves_the_setting_as_it_was(monkeypatch):
     import faiss
 
