@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 120  # per API key
     max_messages: int = 50  # messages in one chat request
     max_batch_tickets: int = 10_000
+    # An API process drives each ticket job under a lease it renews; if the process dies, another
+    # (or the same one restarted) takes the job over once the lease lapses (workers/jobs.py).
+    job_lease_s: float = Field(default=30.0, ge=2.0)
     cors_origins: list[str] = []
     request_timeout_s: float = 120.0
 

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -130,7 +131,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                             socket_connect_timeout=2, socket_timeout=10)
         app.state.sync_redis = redis.Redis.from_url(settings.resolved_redis_url, decode_responses=True,
                                                     socket_connect_timeout=2, socket_timeout=10)
+        from workers.jobs import JobStore, keep_resuming
+
+        stopping = threading.Event()  # jobs whose API process died are taken over from here
+        threading.Thread(target=keep_resuming, args=(JobStore(app.state.sync_redis, settings), stopping),
+                         daemon=True, name="job-resumer").start()
         yield
+        stopping.set()
         await app.state.redis.aclose()
 
     app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan,
@@ -374,7 +381,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             code="too_many_tickets")
         store = JobStore(request.app.state.sync_redis, settings)
         job_id = await asyncio.to_thread(store.create, tickets, drafts)
-        asyncio.get_running_loop().run_in_executor(None, store.run, job_id, tickets)
+        store.drive_in_background(job_id)
         return {"job_id": job_id, "status": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"}
 
     def job_store(request: Request):

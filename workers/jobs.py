@@ -1,16 +1,25 @@
 """Ticket jobs for the HTTP API: state and results in Redis, chunks run by the workers.
 
 ``tandem:job:{id}`` is a hash (state, total, processed, errors, drafts, created),
-``tandem:job:{id}:order`` the ticket ids in input order and ``tandem:job:{id}:results``
-a hash of ticket id -> result row. Everything expires with ``result_ttl_s``.
+``tandem:job:{id}:order`` the ticket ids in input order, ``tandem:job:{id}:tickets`` the
+tickets still to answer and ``tandem:job:{id}:results`` a hash of ticket id -> result row.
+Everything expires with ``result_ttl_s``.
+
+A job is driven by one API process at a time, which holds ``tandem:job:{id}:driver`` as a
+lease and renews it while it waits on the workers. If that process dies, the lease lapses and
+any API process's ``JobStore.resume_orphans`` (run every few seconds) takes the job over and
+sends the tickets with no result yet. Rows are written once (HSETNX), so a ticket answered
+twice across a takeover is counted once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 
@@ -19,6 +28,12 @@ from pipeline.settings import Settings
 from workers.batch import length_sorted_chunks, process_chunks
 
 TERMINAL_STATES = {"done", "failed", "cancelled"}
+OPEN_JOBS = "tandem:jobs:open"  # ids of jobs not yet in a terminal state
+log = logging.getLogger(__name__)
+
+# Extend or drop the lease only while this driver still holds it.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class JobStore:
@@ -41,8 +56,12 @@ class JobStore:
             pipe.hset(self._key(job_id, "results"), mapping=broken)
             pipe.hincrby(self._key(job_id), "processed", len(broken))
             pipe.hincrby(self._key(job_id), "errors", len(broken))
-        for part in ("", "order", "results"):
+        todo = {t["id"]: json.dumps(t, ensure_ascii=False) for t in tickets if "error" not in t}
+        if todo:
+            pipe.hset(self._key(job_id, "tickets"), mapping=todo)
+        for part in ("", "order", "results", "tickets"):
             pipe.expire(self._key(job_id, part), ttl)
+        pipe.sadd(OPEN_JOBS, job_id)
         pipe.execute()
         return job_id
 
@@ -58,7 +77,7 @@ class JobStore:
     def cancel(self, job_id: str) -> dict | None:
         status = self.status(job_id)
         if status and status["state"] not in TERMINAL_STATES:
-            self.client.hset(self._key(job_id), "state", "cancelled")
+            self._end(job_id, "cancelled")
             status["state"] = "cancelled"
         return status
 
@@ -71,24 +90,95 @@ class JobStore:
                 if row:
                     yield json.loads(row)
 
-    def run(self, job_id: str, tickets: list[dict]) -> None:
-        """Drive a job to the end (called in a background thread of the API process)."""
-        status = self.status(job_id)
-        if status is None or status["state"] in TERMINAL_STATES:
+    # -- driving ---------------------------------------------------------------------------
+    def drive_in_background(self, job_id: str) -> None:
+        """``run`` in a thread of its own: a job waits on the workers for minutes, and must not
+        hold one of the threads the API's routes run on."""
+        threading.Thread(target=self.run, args=(job_id,), daemon=True, name=f"job-{job_id[:8]}").start()
+
+    def run(self, job_id: str) -> None:
+        """Drive a job to the end, if no other process drives it (called in a background thread
+        of an API process). Sends only the tickets that have no result yet."""
+        token = uuid.uuid4().hex
+        lease_ms = int(self.settings.job_lease_s * 1000)
+        if not self.client.set(self._key(job_id, "driver"), token, nx=True, px=lease_ms):
             return
-        self.client.hset(self._key(job_id), "state", "running")
-        todo = [t for t in tickets if "error" not in t]
-        chunks = length_sorted_chunks(todo, self.settings.batch_chunk_size)
         try:
-            for rows in process_chunks(chunks, status["drafts"], None, outage_s=60,
-                                       cancelled=lambda: self.status(job_id)["state"] == "cancelled"):
-                pipe = self.client.pipeline()
-                pipe.hset(self._key(job_id, "results"), mapping={r["id"]: json.dumps(r, ensure_ascii=False) for r in rows})
-                pipe.hincrby(self._key(job_id), "processed", len(rows))
-                pipe.hincrby(self._key(job_id), "errors", sum("error" in r for r in rows))
-                pipe.execute()
-        except TandemError:
-            self.client.hset(self._key(job_id), "state", "failed")
-            return
-        if self.status(job_id)["state"] != "cancelled":
-            self.client.hset(self._key(job_id), "state", "done")
+            status = self.status(job_id)
+            if status is None or status["state"] in TERMINAL_STATES:
+                return
+            self.client.hset(self._key(job_id), "state", "running")
+            todo = self._unanswered(job_id)
+            held = self._lease_keeper(job_id, token, lease_ms)
+
+            def stop() -> bool:
+                return not held() or self.status(job_id)["state"] == "cancelled"
+            try:
+                for rows in process_chunks(length_sorted_chunks(todo, self.settings.batch_chunk_size),
+                                           status["drafts"], None, outage_s=60, cancelled=stop):
+                    self._write(job_id, rows)
+            except TandemError:
+                self._end(job_id, "failed")
+                return
+            if held() and self.status(job_id)["state"] != "cancelled":
+                self._end(job_id, "done")
+        finally:
+            self.client.eval(_RELEASE, 1, self._key(job_id, "driver"), token)
+
+    def _unanswered(self, job_id: str) -> list[dict]:
+        tickets = self.client.hgetall(self._key(job_id, "tickets"))
+        answered = set(self.client.hkeys(self._key(job_id, "results")))
+        order = self.client.lrange(self._key(job_id, "order"), 0, -1)
+        return [json.loads(tickets[i]) for i in order if i in tickets and i not in answered]
+
+    def _lease_keeper(self, job_id: str, token: str, lease_ms: int) -> Callable[[], bool]:
+        """A check that renews the lease (at most every second) and says whether it is still held."""
+        renewed = [time.monotonic()]
+        held = [True]
+
+        def check() -> bool:
+            if held[0] and time.monotonic() - renewed[0] >= 1.0:
+                held[0] = bool(self.client.eval(_RENEW, 1, self._key(job_id, "driver"), token, lease_ms))
+                renewed[0] = time.monotonic()
+                if not held[0]:
+                    log.warning("job %s: lease lost; another process drives it now", job_id)
+            return held[0]
+        return check
+
+    def _write(self, job_id: str, rows: list[dict]) -> None:
+        pipe = self.client.pipeline()
+        for row in rows:
+            pipe.hsetnx(self._key(job_id, "results"), row["id"], json.dumps(row, ensure_ascii=False))
+        new = [row for row, written in zip(rows, pipe.execute()) if written]
+        pipe.hincrby(self._key(job_id), "processed", len(new))
+        pipe.hincrby(self._key(job_id), "errors", sum("error" in row for row in new))
+        pipe.execute()
+
+    def _end(self, job_id: str, state: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.hset(self._key(job_id), "state", state)
+        pipe.delete(self._key(job_id, "tickets"))
+        pipe.srem(OPEN_JOBS, job_id)
+        pipe.execute()
+
+    def resume_orphans(self, start: Callable[[str], None]) -> list[str]:
+        """Call ``start(job_id)`` for each open job that no process drives (its driver died);
+        forget open jobs that ended or expired. Returns the ids started."""
+        started = []
+        for job_id in self.client.smembers(OPEN_JOBS):
+            state = self.client.hget(self._key(job_id), "state")
+            if state is None or state in TERMINAL_STATES:
+                self.client.srem(OPEN_JOBS, job_id)
+            elif not self.client.exists(self._key(job_id, "driver")):
+                start(job_id)
+                started.append(job_id)
+        return started
+
+
+def keep_resuming(store: JobStore, stopping: threading.Event) -> None:
+    """Every half lease, take over jobs whose driver died (an API process's background thread)."""
+    while not stopping.wait(store.settings.job_lease_s / 2):
+        try:
+            store.resume_orphans(store.drive_in_background)
+        except redis.RedisError as exc:  # Redis away: try again next round
+            log.warning("resuming jobs: %s", exc)

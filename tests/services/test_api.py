@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pipeline.settings import Settings
 
 from ..helpers import free_port, wait_until
-from .conftest import KEY
+from .conftest import KEY, start_api
 
 
 def auth() -> dict:
@@ -126,6 +126,36 @@ def test_ticket_jobs_json_csv_results_and_cancel(api):
     cancelled = httpx.delete(f"{api}/v1/jobs/{job}", headers=auth()).json()
     assert cancelled["state"] == "cancelled"
     assert httpx.get(f"{api}/v1/jobs/nope", headers=auth()).status_code == 404
+
+
+def test_a_job_outlives_the_api_process_that_took_it(workers, tmp_path):
+    """kill -9 the API process mid-job: a new API process takes the job over once the lease
+    lapses, and every ticket is answered, and counted, exactly once."""
+    env = {"TANDEM_JOB_LEASE_S": "2"}
+    first, url = start_api(tmp_path / "first.log", env)
+    messages = ["my card has not arrived", "what is your exchange rate", "I want to close my account",
+                "why was I charged a fee", "my top up failed"]
+    tickets = [{"id": f"k{i}", "text": f"{messages[i % 5]} ({i})"} for i in range(2000)]
+    try:
+        job = httpx.post(f"{url}/v1/tickets?drafts=false", json=tickets, headers=auth()).json()["job_id"]
+        wait_until(lambda: httpx.get(f"{url}/v1/jobs/{job}", headers=auth()).json()["processed"] > 0, 60, "first rows")
+    finally:
+        first.kill()  # no shutdown: its lease is left to lapse
+        first.wait(10)
+    second, url = start_api(tmp_path / "second.log", env)
+    try:
+        status = lambda: httpx.get(f"{url}/v1/jobs/{job}", headers=auth()).json()  # noqa: E731
+        taken_over_at = status()["processed"]
+        assert taken_over_at < len(tickets), "the job finished before its API process was killed"
+        wait_until(lambda: status()["state"] == "done", 180, "job taken over")
+        final = status()
+        assert final["processed"] == final["total"] == len(tickets) and final["errors"] == 0
+        rows = [json.loads(line) for line in httpx.get(f"{url}/v1/jobs/{job}/results", headers=auth()).text.splitlines()]
+        assert [r["id"] for r in rows] == [t["id"] for t in tickets]
+        assert rows[0]["intent"] == "card_arrival"
+    finally:
+        second.terminate()
+        second.wait(20)
 
 
 @pytest.mark.parametrize("body, code", [

@@ -1,0 +1,47 @@
+"""Job bookkeeping in a real redis-server: the driver's lease, takeover of orphaned jobs,
+rows counted once. (Driving a job through real workers is in tests/services/test_api.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.jobs import OPEN_JOBS, JobStore
+
+
+@pytest.fixture
+def store(redis_client, worker_settings):
+    return JobStore(redis_client, worker_settings)
+
+
+def tickets(n: int) -> list[dict]:
+    return [{"id": f"t{i}", "text": f"where is my card {i}"} for i in range(n)]
+
+
+def test_a_job_driven_elsewhere_is_left_alone(store, redis_client):
+    job = store.create(tickets(3), drafts=False)
+    redis_client.set(f"tandem:job:{job}:driver", "another-process", px=10_000)
+    store.run(job)  # returns at once: nothing is sent, the state is untouched
+    assert store.status(job)["state"] == "queued" and store.status(job)["processed"] == 0
+    assert redis_client.get(f"tandem:job:{job}:driver") == "another-process"
+
+
+def test_orphaned_jobs_are_resumed_and_ended_ones_forgotten(store, redis_client):
+    orphan, driven, cancelled, expired = (store.create(tickets(2), drafts=False) for _ in range(4))
+    redis_client.set(f"tandem:job:{driven}:driver", "alive", px=10_000)
+    store.cancel(cancelled)
+    redis_client.sadd(OPEN_JOBS, cancelled)  # as if the cancel had raced a resume
+    redis_client.delete(f"tandem:job:{expired}")
+    started: list[str] = []
+    assert store.resume_orphans(started.append) == started == [orphan]
+    open_jobs = redis_client.smembers(OPEN_JOBS)
+    assert {orphan, driven} <= open_jobs and not {cancelled, expired} & open_jobs
+
+
+def test_rows_written_twice_are_counted_once(store):
+    job = store.create([*tickets(3), {"id": "bad", "error": "the text is empty"}], drafts=False)
+    store._write(job, [{"id": "t0", "intent": "card_arrival"}, {"id": "t1", "error": "worker failed"}])
+    store._write(job, [{"id": "t1", "intent": "card_arrival"}, {"id": "t2", "intent": "card_arrival"}])  # t1 again
+    status = store.status(job)
+    assert status["processed"] == 4 and status["errors"] == 2  # "bad" and the first t1
+    assert [r["id"] for r in store.results(job)] == ["t0", "t1", "t2", "bad"]
+    assert [t["id"] for t in store._unanswered(job)] == []
