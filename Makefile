@@ -37,7 +37,7 @@ bench: install
 	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
 	for b in intents retrieval latency grounding distributed nlu decode e2e serving hardware; do \
 	  HF_HUB_OFFLINE=1 $(PY) -m bench $$b || exit 1; done
-	TANDEM_RESPONDER_Q8_0_ON_CPU=false HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_q4_1
+	TANDEM_RESPONDER_CPU_WEIGHTS=file HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_q4_1
 	TANDEM_RESPONDER_PREFIX_CACHE_MB=0 HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_no_prefix_cache
 	HF_HUB_OFFLINE=1 $(PY) -m bench.peft
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load

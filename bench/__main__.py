@@ -369,9 +369,9 @@ def main() -> None:
         # Each in a fresh process: one bench's models and threads must not weigh on the next.
         for name in PERFORMANCE_SUITE:
             subprocess.run([sys.executable, "-m", "bench", name], check=True)
-        # The same serving run on the GGUF as it ships, to weigh the Q8_0 copy the gen worker serves.
+        # The same serving run on the GGUF as it ships, to weigh the copy the gen worker serves.
         subprocess.run([sys.executable, "-m", "bench", "serving", "--out", "serving_q4_1"], check=True,
-                       env={**os.environ, "TANDEM_RESPONDER_Q8_0_ON_CPU": "false"})
+                       env={**os.environ, "TANDEM_RESPONDER_CPU_WEIGHTS": "file"})
         subprocess.run([sys.executable, "-m", "bench.peft"], check=True)
         subprocess.run([sys.executable, "-m", "bench", "report"], check=True)
         return

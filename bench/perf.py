@@ -224,18 +224,20 @@ def bench_decode(args) -> None:
             args.prompts.write_text(json.dumps(workloads))
     llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, n_gpu_layers=args.gpu_layers,
                 verbose=False)
-    def batcher(q8_0_cache: Path | None) -> LlamaCppBackend:
+    def batcher(cpu_weights: str) -> LlamaCppBackend:
         engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
                                  ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=args.gpu_layers,
-                                 q8_0_cache=q8_0_cache)
+                                 cpu_weights=cpu_weights, copies_dir=settings.data_dir / "models")
         engine.warm_up()
         return engine
 
-    # As the gen worker serves it: from a Q8_0 copy on a CPU (settings.responder_q8_0_on_cpu).
-    engine = batcher(settings.data_dir / "models" if settings.responder_q8_0_on_cpu else None)
+    # As the gen worker serves it: on a CPU from a BF16 or Q8_0 copy (settings.responder_cpu_weights).
+    engine = batcher(settings.responder_cpu_weights)
     # llama.cpp alone runs the configured file, as a user would; where the batcher serves a copy,
-    # the copy is also weighed against the original through the same batcher.
-    original = batcher(None) if engine.weights_path != settings.responder_model else None
+    # the copy is also weighed against the file, and a BF16 copy against the Q8_0 one (what a
+    # CPU without bfloat16 instructions is served), through the same batcher.
+    others = {kind: batcher(kind) for kind in ("file", "q8_0")
+              if engine.cpu_weights != "file" and (kind == "file" or engine.cpu_weights == "bf16")}
     results = {}
     for name, prompts in workloads.items():
         # llama.cpp alone and one stream through the batcher, in alternation: this machine's
@@ -257,8 +259,8 @@ def bench_decode(args) -> None:
                                     **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
                                        for r in rows}}}
         results[name]["prefix_cache"] = _prefix_cache_ab(engine, prompts, args)
-        if original is not None:
-            results[name]["weights"] = _weights_ab(original, engine, prompts, args)
+        if others:
+            results[name]["weights"] = _weights_ab(engine, others, prompts, args)
     save(args.out, {"model": Path(settings.responder_model).name, "weights": Path(engine.weights_path).name,
                     "threads": threads, "max_tokens": args.max_tokens,
                     "gpu_layers": args.gpu_layers, "gpu": _gpu_name() if args.gpu_layers else None,
@@ -300,19 +302,21 @@ def _prefix_cache_ab(engine, prompts: list[list[dict]], args) -> dict:
     return out
 
 
-def _weights_ab(original, copy, prompts: list[list[dict]], args) -> dict:
-    """The Q8_0 copy against the original file, same batcher, alternating runs at 1 and at
-    the most streams: tokens/s of each, and the median of the copy-over-original ratios."""
+def _weights_ab(served, others: dict, prompts: list[list[dict]], args) -> dict:
+    """The weights served against each of ``others`` (kind -> batcher), alternating runs at 1
+    and at the most streams: tokens/s of each, and the median of the served-over-other ratios."""
     runs: dict[str, list[dict]] = {}
     for _ in range(args.pairs):
         for level in (1, max(args.levels)):
             run = {name: _engine_run(engine, _replies(prompts, level, args), level, args.max_tokens)["tokens_per_s"]
-                   for name, engine in (("original", original), ("q8_0", copy))}
+                   for name, engine in (("served", served), *others.items())}
             runs.setdefault(f"streams_{level}", []).append(run)
             print("weights", level, run, flush=True)
-    return {key: {"runs": pairs, "q8_0_over_original": round(statistics.median(p["q8_0"] / p["original"]
-                                                                                for p in pairs), 2)}
-            for key, pairs in runs.items()}
+    return {"served": served.cpu_weights,
+            "levels": {key: {"runs": pairs, "served_over": {name: round(statistics.median(p["served"] / p[name]
+                                                                                          for p in pairs), 2)
+                                                            for name in others}}
+                       for key, pairs in runs.items()}}
 
 
 def _gpu_name() -> str | None:
@@ -442,6 +446,14 @@ def _serving_rows(args, texts: list[str]) -> list[dict]:
     return rows
 
 
+def _served_cpu_weights(settings) -> str:
+    """What a CPU gen worker serves under these settings: "bf16", "q8_0" or "file"."""
+    from pipeline.llama_cpp_backend import cpu_weights_for_this_machine
+
+    kind = settings.responder_cpu_weights
+    return cpu_weights_for_this_machine() if kind == "auto" else kind
+
+
 def bench_serving(args) -> None:
     """TTFT at several concurrencies through Redis and real workers, and peak RSS per worker."""
     from pipeline.chain import load_or_build_index
@@ -465,7 +477,7 @@ def bench_serving(args) -> None:
             finally:
                 rss.running = False
     save(args.out, {"max_tokens": args.max_tokens, "slots": Settings().responder_slots,
-                    "q8_0_on_cpu": Settings().responder_q8_0_on_cpu,
+                    "cpu_weights": _served_cpu_weights(Settings()),
                     "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
                     "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})
 
@@ -516,7 +528,7 @@ def bench_hardware(args) -> None:
     from llama_cpp import _internals
 
     decode = json.loads((RESULTS / "decode.json").read_text()) if (RESULTS / "decode.json").is_file() else None
-    # The weights bench decode served: the configured file, or its Q8_0 copy under data_dir.
+    # The weights bench decode served: the configured file, or its BF16 or Q8_0 copy under data_dir.
     served = Path(Settings().responder_model)
     if decode and decode.get("weights", served.name) != served.name:
         served = Settings().data_dir / "models" / decode["weights"]

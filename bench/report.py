@@ -157,7 +157,7 @@ def performance() -> list[str]:
         out.append(f"**Serving** through Redis and the real workers (nlu + gen with `TANDEM_GEN_POOL=threads`, "
                    f"{serving['slots']} reply slots, {serving['max_tokens']}-token replies), `python -m bench serving` "
                    f"({serving['machine']['date']}):\n")
-        # The same run on the Q4_1 file as it ships, beside the Q8_0 copy the gen worker serves.
+        # The same run on the Q4_1 file as it ships, beside the copy the gen worker serves.
         q4_1 = {row["concurrent_chats"]: row for row in (load("serving_q4_1") or {}).get("rows", [])}
         extra = " | Q4_1 file: p50 | p95 |" if q4_1 else " |"
         out.append("| concurrent chats | chats | failed | first token p50 | p95" + extra + "\n|---|---|---|---|---|"
@@ -168,8 +168,10 @@ def performance() -> list[str]:
                        f"| {ms(row['first_token_ms_p95'])} |" + (f" {ms(other['first_token_ms_p50'])} | "
                                                                   f"{ms(other['first_token_ms_p95'])} |" if other else ""))
         if q4_1:
-            out.append(f"\nThe last two columns serve the GGUF as it ships (`TANDEM_RESPONDER_Q8_0_ON_CPU=false python -m bench "
-                       f"serving --out serving_q4_1`, {load('serving_q4_1')['machine']['date']}); the others its Q8_0 copy.")
+            copy = {"bf16": "BF16", "q8_0": "Q8_0"}.get(serving.get("cpu_weights", "q8_0"))
+            out.append(f"\nThe last two columns serve the GGUF as it ships (`TANDEM_RESPONDER_CPU_WEIGHTS=file python -m bench "
+                       f"serving --out serving_q4_1`, {load('serving_q4_1')['machine']['date']}); the others "
+                       + (f"its {copy} copy." if copy else "the file too."))
         no_cache = load("serving_no_prefix_cache")
         if no_cache:
             out.append("\nWithout the prompt-prefix cache (`TANDEM_RESPONDER_PREFIX_CACHE_MB=0 python -m bench serving --out "
@@ -190,7 +192,7 @@ def performance() -> list[str]:
                    f"{e['mean_tokens']} tokens each).")
         if hardware["decode"]["rows"]:
             d = hardware["decode"]
-            kind = "Q8_0 copy" if d.get("weights", "").endswith(".q8_0.gguf") else "Q4_1"
+            kind = _served_copy(d.get("weights", "")) or "Q4_1"
             out.append(f"\nThe decoder has {d['params'] / 1e6:.0f} M parameters ({d['model_bytes_mb']} MB as its {kind}): at the "
                        f"GEMM peak, no batching could pass {d['compute_ceiling_tokens_per_s']} tokens/s on this machine.\n")
             out.append("| decode streams (short prompts) | generated tokens/s | GFLOP/s on them (prefill not counted) | of GEMM peak "
@@ -219,11 +221,17 @@ def performance() -> list[str]:
     return out
 
 
+def _served_copy(weights: str) -> str | None:
+    """"BF16 copy" or "Q8_0 copy" for the name of a copy of the GGUF, None for the file itself."""
+    return next((name for suffix, name in ((".bf16.gguf", "BF16 copy"), (".q8_0.gguf", "Q8_0 copy"))
+                 if weights.endswith(suffix)), None)
+
+
 def decode_table(decode: dict) -> list[str]:
     where = (f"all layers on one {decode['gpu']}, {decode['machine']['cores']} CPU cores" if decode.get("gpu")
              else f"{decode['threads']} threads")
-    weights = decode.get("weights", "")
-    served = " served from its Q8_0 copy" if weights.endswith(".q8_0.gguf") else ""
+    copy = _served_copy(decode.get("weights", ""))
+    served = f" served from its {copy}" if copy else ""
     out = [f"**Decode throughput**, SmolLM2-135M Q4_1{served}, {where}, up to {decode['max_tokens']} tokens per reply, "
            f"`python -m bench decode{' --gpu-layers -1' if decode.get('gpu') else ''}` ({decode['machine']['date']}). "
            "Aggregate generated tokens/s, prompt prefill included; `short` is the customer's question alone, "
@@ -243,10 +251,16 @@ def decode_table(decode: dict) -> list[str]:
         f"{name} {w['ratios']['single_over_llama_cpp_alone']:.2f}×" for name, w in decode["workloads"].items()) + ".\n")
     ab = {name: w["weights"] for name, w in decode["workloads"].items() if "weights" in w}
     if ab:
-        out.append("The Q8_0 copy against the Q4_1 file, same batcher, alternating runs (median ratio of "
-                   "aggregate tokens/s): " + "; ".join(
+        first = next(iter(ab.values()))
+        against = list(next(iter(first["levels"].values()))["served_over"])
+        names = {"file": "the Q4_1 file", "q8_0": "the Q8_0 copy"}
+        out.append(f"The {_served_copy(decode.get('weights', '')) or 'file'} against "
+                   + " and against ".join(names[a] for a in against)
+                   + ", same batcher, alternating runs (median ratio of aggregate tokens/s"
+                   + (", in that order" if len(against) > 1 else "") + "): " + "; ".join(
                        f"{name} " + ", ".join(f"{key.split('_')[1]} stream{'s' if key != 'streams_1' else ''} "
-                                              f"{v['q8_0_over_original']:.2f}×" for key, v in runs.items())
+                                              + " and ".join(f"{v['served_over'][a]:.2f}×" for a in against)
+                                              for key, v in runs["levels"].items())
                        for name, runs in ab.items()) + ".\n")
     cache = {name: w["prefix_cache"] for name, w in decode["workloads"].items() if "prefix_cache" in w}
     if cache:

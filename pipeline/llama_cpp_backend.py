@@ -13,10 +13,10 @@ which every reply has, and most of the help article, which every question routed
 has (see ``_plan_prefix``). With a single reply active a step is one token, the same work
 llama.cpp's own loop does, so the single-stream speed stays llama.cpp's.
 
-On a CPU, a GGUF quantized below 8 bits is served from a Q8_0 copy made once (see
-``q8_0_copy``): llama.cpp's tiled CPU matrix kernels (llamafile's sgemm), which
-batches go through (prompts, many replies at once), take Q8_0 but not Q4_1 (README,
-Measured).
+On a CPU the GGUF is served from a copy made once (see ``weights_copy``), because batches
+(prompts, many replies at once) go through llama.cpp's tiled matrix kernels (llamafile's
+sgemm), which take neither Q4_1 nor the bundled file's other 4-bit types: a BF16 copy where the
+CPU computes in bfloat16 (AVX512-BF16), else a Q8_0 one (README, Measured).
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ from pathlib import Path
 from pipeline.errors import ModelLoadError, ResponderError
 
 _DONE = object()  # end-of-reply marker in a reply's queue
-# GGUF file types (llama.h LLAMA_FTYPE_*) served as they are: F32, F16, Q8_0, BF16.
-_EIGHT_BITS_OR_MORE = {0, 1, 7, 32}
+# GGUF file types (llama.h LLAMA_FTYPE_*) that need no copy of each kind: a Q8_0 copy is made
+# only of files below 8 bits (F32, F16, Q8_0 and BF16 are served as they are), a BF16 copy of
+# anything but BF16.
+_NO_COPY = {"q8_0": {0, 1, 7, 32}, "bf16": {32}}
+CPU_WEIGHTS = ("auto", "bf16", "q8_0", "file")
 _RECENT_PROMPTS = 64  # prompts remembered (as tokens) to find the beginnings they share
 log = logging.getLogger(__name__)
 
@@ -61,31 +64,41 @@ def gguf_file_type(model_path: str) -> int:
         probe.close()
 
 
-def q8_0_copy(model_path: str, cache_dir: Path, threads: int = 0) -> str:
-    """The GGUF with its weights re-encoded as Q8_0, made once and kept in ``cache_dir``.
+def cpu_weights_for_this_machine() -> str:
+    """"bf16" where this llama.cpp build runs bfloat16 kernels (AVX512-BF16), else "q8_0".
 
-    A file that is already 8-bit or wider comes back as it is. Q8_0 holds a 4- or 5-bit
-    block's values to within half a step of 1/127 of the block's largest weight, so the
-    model's replies stay those of the original; the file is about 1.5x the Q4_1 one.
-    On the bundled SmolLM2 (bench decode, 2 cores, 2026-11-22): 16 streams 1.22x (short
-    prompts) and 1.43x (grounded), one grounded stream 1.25x. Where the copy cannot be
-    made, the original is served and a warning logged."""
+    On the bundled SmolLM2 with 2 cores (AVX512-BF16, 2026-11-23, exploratory A/B): one stream
+    ran at 0.93-1.0x the Q8_0 copy and 16 streams at 1.7-1.9x; without bfloat16 instructions
+    llama.cpp converts every weight, and Q8_0 is the faster copy."""
+    import llama_cpp
+
+    return "bf16" if "AVX512_BF16 = 1" in llama_cpp.llama_print_system_info().decode() else "q8_0"
+
+
+def weights_copy(model_path: str, cache_dir: Path, kind: str, threads: int = 0) -> str:
+    """The GGUF with its weights re-encoded as ``kind`` ("q8_0" or "bf16"), made once and kept
+    in ``cache_dir``; a file that needs no such copy (``_NO_COPY``) comes back as it is.
+
+    Both hold the bundled Q4_1 weights closely (BF16 to 3 significant digits; Q8_0 to half a
+    step of 1/127 of each block's largest weight), so the replies stay the original's in
+    substance (README, Measured: Grounding). The copies are 1.5x (Q8_0) and 2.8x (BF16) the
+    Q4_1 file. Where a copy cannot be made, the original is served and a warning logged."""
     import llama_cpp
 
     file_type = gguf_file_type(model_path)
-    if file_type in _EIGHT_BITS_OR_MORE or file_type < 0:
+    if file_type in _NO_COPY[kind] or file_type < 0:
         return model_path
     source = Path(model_path).resolve()
     stat = source.stat()
     digest = hashlib.sha256(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = Path(cache_dir) / f"{source.stem}.{digest}.q8_0.gguf"
+    target = Path(cache_dir) / f"{source.stem}.{digest}.{kind}.gguf"
     if target.is_file():
         return str(target)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         quantize = llama_cpp.llama_model_quantize_default_params()
-        quantize.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        quantize.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}[kind]
         quantize.allow_requantize = True
         quantize.nthread = threads
         if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(quantize)) != 0:
@@ -94,10 +107,9 @@ def q8_0_copy(model_path: str, cache_dir: Path, threads: int = 0) -> str:
     except OSError as exc:
         with contextlib.suppress(OSError):  # the folder itself may be what failed
             partial.unlink(missing_ok=True)
-        log.warning("serving %s as it is: no Q8_0 copy in %s (%s)", model_path, cache_dir, exc)
+        log.warning("serving %s as it is: no %s copy in %s (%s)", model_path, kind, cache_dir, exc)
         return model_path
     return str(target)
-
 
 
 @dataclass
@@ -129,11 +141,17 @@ class LlamaCppBackend:
 
     def __init__(self, model_path: str, threads: int | None = None, slots: int = 16, ctx_per_slot: int = 1024,
                  prefill_chunk: int = 128, prefix_cache_mb: int = 128, gpu_layers: int = 0,
-                 q8_0_cache: Path | None = None):
+                 cpu_weights: str = "file", copies_dir: Path | None = None):
+        if cpu_weights not in CPU_WEIGHTS:
+            raise ValueError(f"cpu_weights must be one of {CPU_WEIGHTS}, not {cpu_weights!r}")
         self.model_path = model_path
-        # On a GPU llama.cpp's own 4-bit kernels batch well, and the copy would double the memory.
-        self.q8_0_cache = q8_0_cache if gpu_layers == 0 else None
-        self.weights_path = model_path  # the file served: model_path or its Q8_0 copy
+        # What a CPU serves: "bf16" or "q8_0" (a copy of the file in copies_dir), or "file". On a
+        # GPU llama.cpp's own 4-bit kernels batch well, and a copy would take more of its memory.
+        if gpu_layers != 0 or copies_dir is None:
+            cpu_weights = "file"
+        self.cpu_weights = cpu_weights_for_this_machine() if cpu_weights == "auto" else cpu_weights
+        self.copies_dir = copies_dir
+        self.weights_path = model_path  # the file served: model_path or its copy
         self.threads = threads or os.cpu_count() or 1
         self.slots = slots
         self.ctx_per_slot = ctx_per_slot
@@ -173,8 +191,8 @@ class LlamaCppBackend:
         from llama_cpp import _internals
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        if self.q8_0_cache is not None:
-            self.weights_path = q8_0_copy(self.model_path, self.q8_0_cache, self.threads)
+        if self.cpu_weights != "file":
+            self.weights_path = weights_copy(self.model_path, self.copies_dir, self.cpu_weights, self.threads)
         model_params = _internals.LlamaModel.default_params()
         model_params.n_gpu_layers = self.gpu_layers  # ignored by a CPU-only build
         try:

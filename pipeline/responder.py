@@ -184,7 +184,7 @@ def make_backend(settings) -> GenerationBackend:
         return LlamaCppBackend(settings.responder_model, threads=settings.responder_threads, slots=settings.responder_slots,
                                ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=settings.responder_gpu_layers,
                                prefix_cache_mb=settings.responder_prefix_cache_mb,
-                               q8_0_cache=settings.data_dir / "models" if settings.responder_q8_0_on_cpu else None)
+                               cpu_weights=settings.responder_cpu_weights, copies_dir=settings.data_dir / "models")
     if settings.responder_backend == "transformers":
         return TransformersBackend(settings.responder_model, device=settings.responder_device,
                                    gguf_file=settings.responder_gguf_file)
@@ -212,8 +212,8 @@ class Responder:
         """What a cached reply depends on besides the message and the index."""
         model = getattr(self.backend, "model_path", None) or getattr(self.backend, "model_name", None) or \
             getattr(self.backend, "model", "")
-        # A Q8_0 copy (llama_cpp) can word a reply differently from the file it was made from.
-        if getattr(self.backend, "q8_0_cache", None) is not None:
-            model = f"{model}:q8_0"
+        # A copy of the weights (llama_cpp) can word a reply differently from the file it was made from.
+        if getattr(self.backend, "cpu_weights", "file") != "file":
+            model = f"{model}:{self.backend.cpu_weights}"
         return json.dumps([self.backend.name, os.path.basename(str(model)), self.limits.max_tokens,
                            self.limits.temperature, self.limits.stop, self.max_passages, self.limits.repeat_penalty])

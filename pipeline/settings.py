@@ -85,10 +85,10 @@ class Settings(BaseSettings):
     responder_threads: int | None = None
     # llama_cpp: model layers offloaded to the GPU (-1: all) by a CUDA/Metal build of llama-cpp-python.
     responder_gpu_layers: int = Field(default=0, ge=-1)
-    # llama_cpp on a CPU: serve a GGUF quantized below 8 bits from a Q8_0 copy made once under
-    # <data_dir>/models. On the bundled Q4_1 SmolLM2, 16 streams ran 1.22-1.43x and serving's first
-    # token came 1.6x sooner (bench decode/serving, 2 cores, 2026-11-22); the file grows 98 -> 145 MB.
-    responder_q8_0_on_cpu: bool = True
+    # llama_cpp on a CPU: the weights served, as a copy made once under <data_dir>/models, because
+    # llama.cpp's batch kernels take neither Q4_1 nor the other 4-bit types. "auto": BF16 where
+    # the CPU has AVX512-BF16, else Q8_0; "file": the GGUF as it is (README, Measured: Decode).
+    responder_cpu_weights: Literal["auto", "bf16", "q8_0", "file"] = "auto"
     # llama_cpp: replies decoded together by continuous batching, and each one's context (prompt + reply)
     responder_slots: int = Field(default=16, ge=1, le=64)
     responder_ctx_per_slot: int = Field(default=1024, ge=256)

@@ -11,17 +11,20 @@ def _decode(weights: str, with_ab: bool) -> dict:
                          {"streams": 16, "tokens_per_s": 150.0, "first_token_ms_p50": 300.0}],
                 "ratios": {"single_over_llama_cpp_alone": 1.1}}
     if with_ab:
-        workload["weights"] = {"streams_1": {"runs": [], "q8_0_over_original": 0.94},
-                               "streams_16": {"runs": [], "q8_0_over_original": 1.22}}
+        workload["weights"] = {"served": "bf16", "levels": {
+            "streams_1": {"runs": [], "served_over": {"file": 1.12, "q8_0": 0.97}},
+            "streams_16": {"runs": [], "served_over": {"file": 2.31, "q8_0": 1.85}}}}
     return {"weights": weights, "threads": 2, "max_tokens": 64, "machine": {"date": "2026-11-22 20:23 UTC", "cores": 2},
             "workloads": {"short": workload}}
 
 
-def test_the_decode_block_names_the_q8_0_copy_and_its_gain():
-    text = "\n".join(decode_table(_decode("SmolLM2.Q4_1.abc.q8_0.gguf", with_ab=True)))
-    assert "served from its Q8_0 copy" in text
-    assert "short 1 stream 0.94×, 16 streams 1.22×" in text
+def test_the_decode_block_names_the_copy_served_and_its_gain():
+    text = "\n".join(decode_table(_decode("SmolLM2.Q4_1.abc.bf16.gguf", with_ab=True)))
+    assert "served from its BF16 copy" in text
+    assert "The BF16 copy against the Q4_1 file and against the Q8_0 copy" in text
+    assert "short 1 stream 1.12× and 0.97×, 16 streams 2.31× and 1.85×" in text
     assert "| short | 16 | 150.0 | 1.70× |" in text
+    assert "served from its Q8_0 copy" in "\n".join(decode_table(_decode("SmolLM2.Q4_1.abc.q8_0.gguf", with_ab=False)))
 
 
 def test_a_file_served_as_it_is_gets_no_copy_line():

@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from pipeline.errors import ModelLoadError, ResponderError
 from pipeline.knowledge import Passage, load_articles
-from pipeline.llama_cpp_backend import LlamaCppBackend, _common_length, gguf_file_type, q8_0_copy
+from pipeline.llama_cpp_backend import (
+    LlamaCppBackend,
+    _common_length,
+    cpu_weights_for_this_machine,
+    gguf_file_type,
+    weights_copy,
+)
 from pipeline.responder import GenerationLimits, build_messages
 from pipeline.settings import PACKAGE_DATA
 
@@ -221,40 +228,64 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
 
 
-def test_a_4_bit_gguf_is_served_from_a_q8_0_copy_made_once(settings, tmp_path):
+@pytest.mark.parametrize("kind, file_type", [("q8_0", 7), ("bf16", 32)])  # LLAMA_FTYPE_MOSTLY_*
+def test_a_4_bit_gguf_is_served_from_a_copy_made_once(settings, tmp_path, kind, file_type):
     assert gguf_file_type(settings.responder_model) == 3  # the bundled file is Q4_1
-    copy = q8_0_copy(settings.responder_model, tmp_path)
-    assert copy.startswith(str(tmp_path)) and copy.endswith(".q8_0.gguf")
-    assert gguf_file_type(copy) == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    copy = weights_copy(settings.responder_model, tmp_path, kind)
+    assert copy.startswith(str(tmp_path)) and copy.endswith(f".{kind}.gguf")
+    assert gguf_file_type(copy) == file_type
     made = os.stat(copy).st_mtime_ns
-    assert q8_0_copy(settings.responder_model, tmp_path) == copy
+    assert weights_copy(settings.responder_model, tmp_path, kind) == copy
     assert os.stat(copy).st_mtime_ns == made, "the second call reuses the copy"
-    assert q8_0_copy(copy, tmp_path / "other") == copy, "an 8-bit file is served as it is"
+    assert weights_copy(copy, tmp_path / "other", kind) == copy, "a file already of that kind is served as it is"
     assert not (tmp_path / "other").exists()
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(copy)], "no partial file left behind"
 
 
-def test_the_q8_0_copy_replies_with_the_same_facts(settings, solo, tmp_path):
-    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512, q8_0_cache=tmp_path)
+def test_an_8_bit_file_gets_a_bf16_copy_but_no_q8_0_one(settings, tmp_path):
+    q8_0 = weights_copy(settings.responder_model, tmp_path / "a", "q8_0")
+    assert weights_copy(q8_0, tmp_path / "b", "q8_0") == q8_0
+    assert gguf_file_type(weights_copy(q8_0, tmp_path / "b", "bf16")) == 32
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "bf16"])
+def test_a_copy_replies_with_the_same_facts(settings, solo, tmp_path, kind):
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512, cpu_weights=kind,
+                             copies_dir=tmp_path)
     engine.warm_up()
-    assert engine.weights_path.endswith(".q8_0.gguf")
+    assert engine.weights_path.endswith(f".{kind}.gguf")
     assert _same_replies(["".join(engine.stream(p, LIMITS)) for p in PROMPTS], solo)
+
+
+def test_auto_takes_bf16_only_where_llama_cpp_has_bfloat16_kernels(monkeypatch):
+    import llama_cpp
+
+    for info, expected in ((b"CPU : AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 |", "bf16"),
+                           (b"CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | LLAMAFILE = 1 |", "q8_0"),
+                           (b"CPU : NEON = 1 | ARM_FMA = 1 |", "q8_0")):
+        monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda info=info: info)
+        assert cpu_weights_for_this_machine() == expected
+        assert LlamaCppBackend("m.gguf", cpu_weights="auto", copies_dir=Path("x")).cpu_weights == expected
 
 
 def test_without_a_writable_cache_the_original_file_is_served(settings, tmp_path, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     with caplog.at_level("WARNING"):
-        assert q8_0_copy(settings.responder_model, blocked / "models") == settings.responder_model
+        assert weights_copy(settings.responder_model, blocked / "models", "bf16") == settings.responder_model
     assert "as it is" in caplog.text
 
 
-def test_a_gpu_engine_serves_the_file_as_it_is(settings, tmp_path):
-    assert LlamaCppBackend(settings.responder_model, gpu_layers=-1, q8_0_cache=tmp_path).q8_0_cache is None
+def test_a_gpu_engine_or_one_without_a_copies_folder_serves_the_file_as_it_is(settings, tmp_path):
+    assert LlamaCppBackend(settings.responder_model, gpu_layers=-1, cpu_weights="bf16",
+                           copies_dir=tmp_path).cpu_weights == "file"
+    assert LlamaCppBackend(settings.responder_model, cpu_weights="q8_0").cpu_weights == "file"
+    with pytest.raises(ValueError, match="cpu_weights must be one of"):
+        LlamaCppBackend(settings.responder_model, cpu_weights="int4")
 
 
 def test_a_corrupt_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="cannot load GGUF"):
-        q8_0_copy(str(bad), tmp_path / "models")
+        weights_copy(str(bad), tmp_path / "models", "q8_0")

@@ -62,14 +62,17 @@ def test_llama_cpp_enforces_the_timeout(llama):
         list(llama.stream(MESSAGES, GenerationLimits(max_tokens=200, timeout_s=0.0)))
 
 
-def test_the_q8_0_setting_reaches_the_backend_and_the_reply_cache_key(settings):
-    on = make_backend(settings)
-    off = make_backend(settings.model_copy(update={"responder_q8_0_on_cpu": False}))
-    assert on.q8_0_cache == settings.data_dir / "models" and off.q8_0_cache is None
-    # Replies cached from one must not be served for the other.
-    assert Responder(on, LIMITS).identity != Responder(off, LIMITS).identity
+def test_the_cpu_weights_setting_reaches_the_backend_and_the_reply_cache_key(settings):
+    from pipeline.llama_cpp_backend import cpu_weights_for_this_machine
+
+    auto = make_backend(settings)
+    assert auto.cpu_weights == cpu_weights_for_this_machine() and auto.copies_dir == settings.data_dir / "models"
+    backends = [make_backend(settings.model_copy(update={"responder_cpu_weights": kind})) for kind in ("bf16", "q8_0", "file")]
+    assert [b.cpu_weights for b in backends] == ["bf16", "q8_0", "file"]
+    # Replies cached from one must not be served for another.
+    assert len({Responder(b, LIMITS).identity for b in backends}) == 3
     penalised = GenerationLimits(max_tokens=24, temperature=0.0, stop=["\nCustomer:"], timeout_s=60, repeat_penalty=1.15)
-    assert Responder(on, LIMITS).identity != Responder(on, penalised).identity
+    assert Responder(auto, LIMITS).identity != Responder(auto, penalised).identity
 
 
 def test_missing_gguf_is_a_clear_error(tmp_path):
