@@ -67,8 +67,8 @@ def gguf_file_type(model_path: str) -> int:
 def cpu_weights_for_this_machine() -> str:
     """"bf16" where this llama.cpp build runs bfloat16 kernels (AVX512-BF16), else "q8_0".
 
-    On the bundled SmolLM2 with 2 cores (AVX512-BF16, 2026-11-23, exploratory A/B): one stream
-    ran at 0.93-1.0x the Q8_0 copy and 16 streams at 1.7-1.9x; without bfloat16 instructions
+    On the bundled SmolLM2 with 2 cores (AVX512-BF16, bench decode, 2026-11-23): one stream ran
+    at 0.94-1.06x the Q8_0 copy and 16 streams at 1.64-1.65x; without bfloat16 instructions
     llama.cpp converts every weight, and Q8_0 is the faster copy."""
     import llama_cpp
 
@@ -79,7 +79,7 @@ def weights_copy(model_path: str, cache_dir: Path, kind: str, threads: int = 0) 
     """The GGUF with its weights re-encoded as ``kind`` ("q8_0" or "bf16"), made once and kept
     in ``cache_dir``; a file that needs no such copy (``_NO_COPY``) comes back as it is.
 
-    Both hold the bundled Q4_1 weights closely (BF16 to 3 significant digits; Q8_0 to half a
+    Both hold the bundled Q4_1 weights closely (BF16 to about 3 significant digits; Q8_0 to half a
     step of 1/127 of each block's largest weight), so the replies stay the original's in
     substance (README, Measured: Grounding). The copies are 1.5x (Q8_0) and 2.8x (BF16) the
     Q4_1 file. Where a copy cannot be made, the original is served and a warning logged."""

@@ -7,7 +7,7 @@ Everything expires with ``result_ttl_s``.
 
 A job is driven by one API process at a time, which holds ``tandem:job:{id}:driver`` as a
 lease and renews it while it waits on the workers. If that process dies, the lease lapses and
-any API process's ``JobStore.resume_orphans`` (run every few seconds) takes the job over and
+any API process's ``JobStore.resume_orphans`` (run every half lease) takes the job over and
 sends the tickets with no result yet. Rows are written once (HSETNX), so a ticket answered
 twice across a takeover is counted once.
 """
