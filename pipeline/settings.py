@@ -57,11 +57,11 @@ class Settings(BaseSettings):
     encoder_int8_attention: bool = True
     # ONNX Runtime with int8 weight matrices (one scale per output channel; the attention
     # scores stay fp32), on CPU with the head-only intent model; exported once into
-    # <data_dir>/models. 2.55x the NLU tickets/s of torch with int8 attention and 2.84x torch
+    # <data_dir>/models. 2.6x the NLU tickets/s of torch with int8 attention and 3.4x torch
     # fp32; BANKING77 accuracy on all 3,080 test messages 94.35% against 94.32% in fp32;
     # recall@3 97.47%. Vectors keep a cosine of 0.98-0.996 with fp32 ones, so an index built
     # either way serves both. (bench nlu and bench retrieval, 2 cores, AVX-512 VNNI,
-    # 2026-11-23; not measured on an AVX2-only machine.)
+    # 2026-11-23; on an AVX2-only machine 1.7x and 1.8x.)
     encoder_onnx_int8: bool = True
     intent_model: Path | None = None  # default: the shipped BANKING77 model
     oos_label: str = "oos"
