@@ -41,4 +41,5 @@ bench: install
 	TANDEM_RESPONDER_PREFIX_CACHE_MB=0 HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_no_prefix_cache
 	HF_HUB_OFFLINE=1 $(PY) -m bench.peft
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load
+	TANDEM_GEN_POOL=threads HF_HUB_OFFLINE=1 $(PY) -m bench.load --out load_threads
 	$(PY) -m bench report
