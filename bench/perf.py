@@ -446,18 +446,11 @@ def _serving_rows(args, texts: list[str]) -> list[dict]:
     return rows
 
 
-def _served_cpu_weights(settings) -> str:
-    """What a CPU gen worker serves under these settings: "bf16", "q8_0" or "file"."""
-    from pipeline.llama_cpp_backend import cpu_weights_for_this_machine
-
-    kind = settings.responder_cpu_weights
-    return cpu_weights_for_this_machine() if kind == "auto" else kind
-
-
 def bench_serving(args) -> None:
     """TTFT at several concurrencies through Redis and real workers, and peak RSS per worker."""
     from pipeline.chain import load_or_build_index
     from pipeline.encoder import SentenceEncoder
+    from pipeline.responder import make_backend
     from pipeline.settings import Settings
 
     texts, _ = banking77_test(max(args.levels) * args.rounds * 2)
@@ -477,7 +470,8 @@ def bench_serving(args) -> None:
             finally:
                 rss.running = False
     save(args.out, {"max_tokens": args.max_tokens, "slots": Settings().responder_slots,
-                    "cpu_weights": _served_cpu_weights(Settings()),
+                    # what the gen worker serves, resolved as it resolves it (nothing is loaded here)
+                    "cpu_weights": getattr(make_backend(Settings()), "cpu_weights", None),
                     "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
                     "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})
 

@@ -168,10 +168,10 @@ def performance() -> list[str]:
                        f"| {ms(row['first_token_ms_p95'])} |" + (f" {ms(other['first_token_ms_p50'])} | "
                                                                   f"{ms(other['first_token_ms_p95'])} |" if other else ""))
         if q4_1:
-            copy = {"bf16": "BF16", "q8_0": "Q8_0"}.get(serving.get("cpu_weights", "q8_0"))
+            copy = _COPIES.get(serving.get("cpu_weights", "q8_0"))
             out.append(f"\nThe last two columns serve the GGUF as it ships (`TANDEM_RESPONDER_CPU_WEIGHTS=file python -m bench "
                        f"serving --out serving_q4_1`, {load('serving_q4_1')['machine']['date']}); the others "
-                       + (f"its {copy} copy." if copy else "the file too."))
+                       + (f"its {copy}." if copy else "the file too."))
         no_cache = load("serving_no_prefix_cache")
         if no_cache:
             out.append("\nWithout the prompt-prefix cache (`TANDEM_RESPONDER_PREFIX_CACHE_MB=0 python -m bench serving --out "
@@ -221,10 +221,13 @@ def performance() -> list[str]:
     return out
 
 
+_COPIES = {"bf16": "BF16 copy", "q8_0": "Q8_0 copy"}  # TANDEM_RESPONDER_CPU_WEIGHTS -> how the text names it
+
+
 def _served_copy(weights: str) -> str | None:
-    """"BF16 copy" or "Q8_0 copy" for the name of a copy of the GGUF, None for the file itself."""
-    return next((name for suffix, name in ((".bf16.gguf", "BF16 copy"), (".q8_0.gguf", "Q8_0 copy"))
-                 if weights.endswith(suffix)), None)
+    """"BF16 copy" or "Q8_0 copy" for the file name of a copy of the GGUF (weights_copy names it
+    ``*.{kind}.gguf``), None for the file itself."""
+    return next((name for kind, name in _COPIES.items() if weights.endswith(f".{kind}.gguf")), None)
 
 
 def decode_table(decode: dict) -> list[str]:
