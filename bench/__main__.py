@@ -175,7 +175,8 @@ def bench_grounding(args) -> None:
     results = {}
     for backend in args.backends:
         server = None
-        overrides: dict = {"responder_backend": backend}
+        # Drafts in full: "before the guard" reads the streamed draft, which stopping early would cut.
+        overrides: dict = {"responder_backend": backend, "guard_stop_early": False}
         if backend == "openai":  # llama.cpp's OpenAI-compatible server on the same GGUF
             port = 8765
             server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", Settings().responder_model,

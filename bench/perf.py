@@ -330,8 +330,9 @@ def _gpu_name() -> str | None:
 
 # ---------------------------------------------------------------------------------- e2e
 
-def _draft_tickets(pipeline, texts: list[str]) -> dict:
-    """Tickets/min of classify + retrieve + draft, the drafts decoded together (as draft_batch does)."""
+def _draft_tickets(pipeline, texts: list[str], out: list[str] | None = None) -> dict:
+    """Tickets/min of classify + retrieve + draft, the drafts decoded together (as draft_batch does);
+    the final replies are appended to ``out`` when given."""
     from concurrent.futures import ThreadPoolExecutor
 
     started = time.perf_counter()
@@ -340,8 +341,41 @@ def _draft_tickets(pipeline, texts: list[str]) -> dict:
         understood.extend(pipeline.understand(texts[i:i + 64]))
     with ThreadPoolExecutor(max_workers=pipeline.settings.responder_slots) as pool:
         replies = list(pool.map(lambda u: pipeline.run_understood(u).reply, understood))
-    return {"tickets_per_min": round(len(texts) / (time.perf_counter() - started) * 60, 1), "n": len(texts),
-            "drafted": sum(bool(r) for r in replies)}
+    seconds = time.perf_counter() - started
+    if out is not None:
+        out.extend(replies)
+    return {"tickets_per_min": round(len(texts) / seconds * 60, 1), "n": len(texts), "drafted": sum(bool(r) for r in replies)}
+
+
+def _stop_early_ab(pipeline, texts: list[str]) -> dict:
+    """Drafting with the guard stopping at the first sentence it rejects and without
+    (TANDEM_GUARD_STOP_EARLY), alternating, best of two: tickets/min, tokens decoded per ticket,
+    and the share of final replies that came out the same. Two runs of one setting can word a
+    reply differently (a batch's makeup moves llama.cpp's sums), so the two runs without are
+    compared too."""
+    engine = pipeline.responder.backend
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    replies: dict[str, list[list[str]]] = {"on": [], "off": []}
+    for _ in range(2):
+        for state in runs:
+            pipeline.settings.guard_stop_early = state == "on"
+            generated = getattr(engine, "tokens_generated", None)
+            replies[state].append([])
+            try:
+                row = _draft_tickets(pipeline, texts, replies[state][-1])
+            finally:
+                pipeline.settings.guard_stop_early = True
+            if generated is not None:
+                row["tokens_per_ticket"] = round((engine.tokens_generated - generated) / len(texts), 1)
+            runs[state].append(row)
+
+    def same(a: list[str], b: list[str]) -> float:
+        return round(sum(x == y for x, y in zip(a, b)) / len(a), 3)
+
+    best = {state: max(r, key=lambda row: row["tickets_per_min"]) for state, r in runs.items()}
+    return {**best, "on_over_off": round(best["on"]["tickets_per_min"] / best["off"]["tickets_per_min"], 2),
+            "same_replies_on_off": same(replies["on"][-1], replies["off"][-1]),
+            "same_replies_off_off": same(replies["off"][0], replies["off"][1])}
 
 
 def _prefix_cache_e2e(pipeline, n: int) -> dict:
@@ -376,6 +410,8 @@ def bench_e2e(args) -> None:
     print("ours", ours, flush=True)
     cache = _prefix_cache_e2e(pipeline, args.tickets) if pipeline.settings.responder_backend == "llama_cpp" else None
     print("prefix cache", cache, flush=True)
+    stop_early = _stop_early_ab(pipeline, texts)
+    print("guard stopping early", stop_early, flush=True)
     del pipeline
     small, _ = banking77_test(args.peer_tickets)
     rows = {"ours": ours, "naive": peers.naive_e2e(small, max_tokens=args.max_tokens)}
@@ -383,6 +419,7 @@ def bench_e2e(args) -> None:
     rows["haystack"] = peers.haystack_e2e(small, max_tokens=args.max_tokens)
     print(rows, flush=True)
     save("e2e", {"max_tokens": args.max_tokens, "rows": rows, "prefix_cache_random_tickets": cache,
+                 "guard_stop_early": stop_early,
                  "ratios": {f"ours_over_{k}": round(ours["tickets_per_min"] / v["tickets_per_min"], 2)
                             for k, v in rows.items() if k != "ours"}})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from pipeline.classifier import IntentClassifier
 from pipeline.encoder import SentenceEncoder, VectorCache
 from pipeline.errors import InputError, ModelLoadError, TandemError
-from pipeline.guard import GroundingGuard
+from pipeline.guard import GroundingGuard, last_sentence_end
 from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
 from pipeline.responder import GenerationLimits, Responder, make_backend
 from pipeline.settings import Settings
@@ -222,20 +223,30 @@ class HybridPipeline:
             reply = OOS_REPLY
             yield Token(reply)
         else:
-            pieces = []
-            for piece in self.responder.stream(understanding.message, understanding.intent, understanding.passages,
-                                               history, limits):
-                if not pieces:
-                    timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
-                pieces.append(piece)
-                yield Token(piece)
+            shown = understanding.passages[: self.responder.max_passages]
+            draft = ""
+            checked = 0  # the draft's first `checked` characters are whole sentences the guard passed
+            rejected = False
+            with closing(self.responder.stream(understanding.message, understanding.intent, understanding.passages,
+                                               history, limits)) as pieces:  # closing frees the backend's slot
+                for piece in pieces:
+                    if not draft:
+                        timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
+                    draft += piece
+                    yield Token(piece)
+                    end = last_sentence_end(draft) if self.settings.guard_stop_early else 0
+                    if end > checked:
+                        # A sentence the guard rejects fails the whole reply, which it will replace:
+                        # stop decoding it now rather than at max_tokens.
+                        rejected = bool(draft[checked:end].strip()) and not self.guard.check(draft[checked:end],
+                                                                                             shown).supported
+                        if rejected:
+                            break
+                        checked = end
             timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
             guard_started = time.perf_counter()
-            draft = "".join(pieces)
             reply = draft.strip()
-            shown = understanding.passages[: self.responder.max_passages]
-            verdict = self.guard.check(reply, shown)
-            if not verdict.supported:
+            if rejected or not self.guard.check(reply, shown).supported:
                 reply = self.guard.extractive_answer(understanding.message, shown)
                 grounded = False
             elif missing := self.guard.missing_sentences(reply, understanding.message, shown):
@@ -255,8 +266,8 @@ class HybridPipeline:
 
     @property
     def reply_identity(self) -> str:
-        """What a cached reply depends on besides the message, its intent and the index."""
-        return f"{self.responder.identity}|{self.guard.identity}"
+        """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
+        return f"{self.responder.identity}|{self.guard.identity}|{int(self.settings.guard_stop_early)}"
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

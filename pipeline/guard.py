@@ -56,6 +56,14 @@ def unsupported_numbers(reply: str, source: str) -> list[str]:
     return missing
 
 
+def last_sentence_end(text: str) -> int:
+    """Where the text's last complete sentence ends (after the break that follows it), 0 if none.
+    ``sentences`` splits the text before it as it splits the whole text, so a reply whose
+    beginning fails ``check`` fails it whole."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return ends[-1] if ends else 0
+
+
 def sentences(text: str) -> list[str]:
     parts = (s.strip(" -*•\t") for s in _SENTENCE_END.split(text))
     return [s for s in parts if len(s.split()) >= 3 and not s.startswith("#")]

@@ -88,7 +88,7 @@ class TransformersBackend:
             raise ModelLoadError(f"cannot load causal LM {self.model_name!r}: {exc}") from None
 
     def stream(self, messages: list[dict], limits: GenerationLimits) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
         self.warm_up()
         inputs = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                      return_dict=True).to(self.device)
@@ -101,6 +101,8 @@ class TransformersBackend:
                       pad_token_id=self._tokenizer.eos_token_id, **sampling)
         if limits.stop:
             kwargs.update(stop_strings=limits.stop, tokenizer=self._tokenizer)
+        closed = threading.Event()  # the caller stopped reading: generate stops at its next step
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_WhenSet(closed)])
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -110,7 +112,7 @@ class TransformersBackend:
                 errors.append(exc)
                 streamer.end()
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=run, name="transformers-generate", daemon=True)
         thread.start()
         text = ""
         try:
@@ -125,9 +127,22 @@ class TransformersBackend:
                 yield piece
         except Exception as exc:  # queue.Empty from the streamer's timeout
             raise ResponderError(f"generation timed out after {limits.timeout_s:.0f} s") from exc
+        finally:
+            closed.set()
         thread.join()
         if errors:
             raise ResponderError(f"generation failed: {errors[0]}")
+
+
+class _WhenSet:
+    """A transformers stopping criterion that ends generation once ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _stop_position(text: str, stops: list[str]) -> int | None:

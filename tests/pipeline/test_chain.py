@@ -52,7 +52,7 @@ DELIVERY_QUESTION = "How long does card delivery take?"
 
 def _stream_with_draft(pipeline, monkeypatch, *pieces: str) -> list:
     # The generator is replaced by a fixed draft: these test the guard's step, not the model.
-    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: iter(pieces))
+    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: (p for p in pieces))
     return list(pipeline.stream(DELIVERY_QUESTION))
 
 
@@ -75,6 +75,67 @@ def test_a_reply_that_already_says_the_facts_is_left_as_drafted(pipeline, monkey
     assert not any(isinstance(e, Token) and e.from_guard for e in events)
 
 
+def _recorded_draft(pipeline, monkeypatch, pieces: list[str]) -> tuple[list, dict]:
+    """Streams DELIVERY_QUESTION with a fixed draft; also says how much of it was read and whether it was closed."""
+    record = {"read": 0, "closed": False}
+
+    def draft(*args, **kwargs):
+        try:
+            for piece in pieces:
+                record["read"] += 1
+                yield piece
+        except GeneratorExit:
+            record["closed"] = True
+            raise
+
+    monkeypatch.setattr(pipeline.responder, "stream", draft)
+    return list(pipeline.stream(DELIVERY_QUESTION)), record
+
+
+# The first sentence fails on its number; the pieces after it would cost decoding for nothing.
+REJECTED_DRAFT = ["Delivery takes 9 working days. ", "We post it ", "to your address. ", "It is free."]
+
+
+def test_generation_stops_at_the_first_sentence_the_guard_rejects(pipeline, monkeypatch):
+    events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT)
+    assert record == {"read": 1, "closed": True}
+    result = events[-1].result
+    assert not result.grounded
+    assert result.reply == pipeline.guard.extractive_answer(DELIVERY_QUESTION, result_passages(pipeline))
+    assert "".join(e.text for e in events if isinstance(e, Token)) == REJECTED_DRAFT[0]
+
+
+def test_stopping_early_changes_how_much_is_decoded_not_the_reply(pipeline, monkeypatch):
+    early, _ = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT)
+    identity = pipeline.reply_identity
+    monkeypatch.setattr(pipeline.settings, "guard_stop_early", False)
+    assert pipeline.reply_identity != identity  # a cached reply replays the tokens streamed
+    late, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT)
+    assert record == {"read": 4, "closed": False}
+    assert early[-1].result.reply == late[-1].result.reply and not late[-1].result.grounded
+
+
+def test_sentences_the_guard_passes_stream_on(pipeline, monkeypatch):
+    pieces = ["Standard delivery takes 3–5 working days in the UK.", "\n\n", "It is free for your first card. "]
+    events, record = _recorded_draft(pipeline, monkeypatch, pieces)
+    assert record == {"read": 3, "closed": False} and events[-1].result.grounded
+
+
+def test_the_bundled_model_gives_the_same_reply_with_and_without_stopping_early(pipeline, monkeypatch):
+    understanding = pipeline.understand(["I lost my card"])[0]
+    early = list(pipeline.respond(understanding))
+    monkeypatch.setattr(pipeline.settings, "guard_stop_early", False)
+    late = list(pipeline.respond(understanding))
+    assert early[-1].result.reply == late[-1].result.reply
+    assert early[-1].result.grounded == late[-1].result.grounded
+    streamed = ["".join(e.text for e in run if isinstance(e, Token) and not e.from_guard) for run in (early, late)]
+    assert late[-1].result.grounded or len(streamed[0]) < len(streamed[1])  # a rejected draft was cut short
+
+
+def result_passages(pipeline) -> list:
+    return pipeline.understand([DELIVERY_QUESTION])[0].passages[:1]
+
+
 def test_completion_can_be_turned_off(pipeline, monkeypatch):
     identity = pipeline.reply_identity
     monkeypatch.setattr(pipeline.guard, "complete_sentences", 0)
@@ -94,7 +155,7 @@ def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monke
 
 
 def test_handoff_intent_escalates_without_generation(pipeline, monkeypatch):
-    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: iter(()))
+    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: (p for p in ()))
     result = pipeline.run("There is a payment on my card I did not make, someone else used it")
     assert result.intent in pipeline.settings.handoff_intents
     assert result.escalate and result.reply == HANDOFF_REPLY

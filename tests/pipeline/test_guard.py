@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.guard import GroundingGuard, durations_in, numbers_in, sentences, unsupported_numbers
+from pipeline.guard import GroundingGuard, durations_in, last_sentence_end, numbers_in, sentences, unsupported_numbers
 from pipeline.knowledge import Passage
 
 
@@ -123,3 +123,12 @@ def test_passage_sentences_are_embedded_once_and_read_back_unchanged(encoder):
     guard.check("Delivery by express is fast.", DELIVERY)
     assert calls[1:] == [["Delivery by express is fast."]]  # the passage's sentences were not embedded again
     assert first.min_similarity == second.min_similarity
+
+
+@pytest.mark.parametrize("text, end", [
+    ("", 0), ("No break yet", 0), ("One sentence. Half of the next", 14), ("Two. Done. ", 11),
+    ("A line\nthen more", 7), ("Costs £1.50 a month", 0),
+])
+def test_last_sentence_end(text, end):
+    assert last_sentence_end(text) == end
+    assert sentences(text[:end]) + sentences(text[end:]) == sentences(text)

@@ -123,3 +123,24 @@ def test_transformers_backend_on_the_bundled_gguf(settings):
     text = "".join(pieces)
     assert pieces and text.strip()
     assert "." not in text, "the stop string ends the reply and is not emitted"
+
+
+@pytest.mark.slow
+def test_transformers_generation_stops_when_the_reader_closes_the_stream(settings):
+    """The chain closes a draft the guard rejects; generate must stop too, not run on to max_tokens."""
+    import threading
+
+    backend = TransformersBackend(settings.responder_model)
+    backend.warm_up()
+    lengths: list[int] = []
+    generate = backend._model.generate
+    backend._model.generate = lambda **kw: lengths.append(generate(**kw).shape[1] - kw["input_ids"].shape[1])
+    stream = Responder(backend, GenerationLimits(max_tokens=64, timeout_s=120)).stream(
+        "How long will my card take?", "card_delivery_estimate", [PASSAGE])
+    for _, _piece in zip(range(3), stream):
+        pass
+    stream.close()
+    for thread in threading.enumerate():
+        if thread.name == "transformers-generate":
+            thread.join(timeout=60)
+    assert lengths and lengths[0] < 12, f"generate ran on for {lengths} tokens after the stream was closed"
