@@ -230,17 +230,17 @@ class HybridPipeline:
             with closing(self.responder.stream(understanding.message, understanding.intent, understanding.passages,
                                                history, limits)) as pieces:  # closing frees the backend's slot
                 for piece in pieces:
-                    if not draft:
+                    if "first_token" not in timings:
                         timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
                     draft += piece
                     yield Token(piece)
                     end = last_sentence_end(draft) if self.settings.guard_stop_early else 0
                     if end > checked:
-                        # A sentence the guard rejects fails the whole reply, which it will replace:
+                        sentences = draft[checked:end]
+                        # A rejected sentence fails the whole reply, which the guard will replace:
                         # stop decoding it now rather than at max_tokens.
-                        rejected = bool(draft[checked:end].strip()) and not self.guard.check(draft[checked:end],
-                                                                                             shown).supported
-                        if rejected:
+                        if sentences.strip() and not self.guard.check(sentences, shown).supported:
+                            rejected = True
                             break
                         checked = end
             timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
