@@ -166,6 +166,38 @@ def bench_retrieval(args) -> None:
                        **retrieval_recall(pipeline, texts, labels, k=3)})
 
 
+def bench_oos(args) -> None:
+    """The out-of-scope gate (TANDEM_OOS_MIN_SIMILARITY): the similarity to the nearest passage
+    under which a share of in-scope training messages falls, and what the intent model alone and
+    with the gate send to out-of-scope among hand-written out-of-scope messages and in-scope ones."""
+    import numpy as np
+
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.evaluation import load_questions
+    from pipeline.settings import PACKAGE_DATA
+
+    pipeline = _pipeline(load_responder=False, oos_min_similarity=0.0)
+    train, _ = read_labelled_csv(PACKAGE_DATA / "banking77" / "train.csv", "text", "category")
+
+    def nearest(texts: list[str]) -> np.ndarray:
+        return np.array([found[0].score for found in pipeline.index.search_many(pipeline.encoder.encode(texts), 1)])
+
+    threshold = round(float(np.quantile(nearest(train), args.in_scope_share)), 3)
+    sets = {"out_of_scope (hand-written)": [r["text"] for r in load_questions(PACKAGE_DATA / "eval" / "out_of_scope.jsonl")],
+            "BANKING77 test": banking77_test()[0],
+            "grounding questions": [q["question"] for q in load_questions(PACKAGE_DATA / "eval" / "grounding.jsonl")]}
+    rows = []
+    for name, texts in sets.items():
+        alone = [u.out_of_scope for u in pipeline.classify(texts)]
+        pipeline.settings.oos_min_similarity = threshold
+        gated = [u.out_of_scope for u in pipeline.classify(texts)]
+        pipeline.settings.oos_min_similarity = 0.0
+        rows.append({"set": name, "n": len(texts), "intent_model_alone": round(float(np.mean(alone)), 4),
+                     "with_gate": round(float(np.mean(gated)), 4)})
+    save("oos", {"in_scope_share": args.in_scope_share, "threshold": threshold,
+                 "calibrated_on": f"BANKING77 train ({len(train):,})", "rows": rows})
+
+
 def bench_grounding(args) -> None:
     """Key-fact recall and unsupported numbers per backend, before and after the guard."""
     from pipeline.evaluation import grounding_eval, load_questions
@@ -328,6 +360,8 @@ def main() -> None:
     p.add_argument("--encoder-methods", nargs="*", default=[], help="also train finetune / lora (slow on CPU)")
     p.add_argument("--epochs", type=int, default=4)
     p = sub.add_parser("retrieval")
+    p = sub.add_parser("oos")
+    p.add_argument("--in-scope-share", type=float, default=0.005, help="share of in-scope training messages the gate may reject")
     p = sub.add_parser("grounding")
     p.add_argument("--backends", nargs="+", default=["llama_cpp", "transformers", "openai"])
     p.add_argument("--limit", type=int, default=None)
@@ -382,7 +416,7 @@ def main() -> None:
         quiet()
     from bench import perf, report
 
-    {"intents": bench_intents, "retrieval": bench_retrieval, "grounding": bench_grounding,
+    {"intents": bench_intents, "retrieval": bench_retrieval, "oos": bench_oos, "grounding": bench_grounding,
      "latency": bench_latency, "distributed": bench_distributed, "nlu": perf.bench_nlu, "decode": perf.bench_decode,
      "e2e": perf.bench_e2e, "serving": perf.bench_serving, "hardware": perf.bench_hardware,
      "report": lambda _: report.main()}[args.name](args)

@@ -48,6 +48,16 @@ def main() -> None:
                    f"for the message's intent, over all {retrieval['n']} BANKING77 test messages: "
                    f"{pct(retrieval['recall_routed'])} as the pipeline retrieves (similarity fused with the intent "
                    f"probability), {pct(retrieval['recall_vector_only'])} from the vector search alone.\n")
+    oos = load("oos")
+    if oos:
+        out.append(f"**Out of scope**, `python -m bench oos` ({oos['machine']['date']}): share of messages answered as out "
+                   f"of scope by the intent model alone and with the gate on the nearest passage "
+                   f"(`TANDEM_OOS_MIN_SIMILARITY`={oos['threshold']}, the similarity under which "
+                   f"{pct(oos['in_scope_share'])} of {oos['calibrated_on']} fall):\n")
+        out.append("| messages | n | intent model alone | with the gate |\n|---|---|---|---|")
+        for row in oos["rows"]:
+            out.append(f"| {row['set']} | {row['n']} | {pct(row['intent_model_alone'])} | {pct(row['with_gate'])} |")
+        out.append("")
     grounding = load("grounding")
     if grounding:
         out.append(f"**Grounding**, {grounding['questions']} questions with key facts (`pipeline/data/eval/grounding.jsonl`), "

@@ -155,6 +155,9 @@ class HybridPipeline:
         vectors = self._encode(messages)
         encoded_at = time.perf_counter()
         predictions = self.classifier.predict(vectors, messages, k=3)
+        for prediction, far in zip(predictions, self._far_from_help_centre(vectors)):
+            if far and prediction.intent not in self.settings.handoff_intents:  # a hand-off stays one
+                prediction.intent = self.classifier.oos_label
         per_message = 1000 / max(len(messages), 1)
         timings = {"encode": round((encoded_at - started) * per_message, 2),
                    "classify": round((time.perf_counter() - encoded_at) * per_message, 2)}
@@ -162,6 +165,16 @@ class HybridPipeline:
                               escalate=p.intent in self.settings.handoff_intents,
                               out_of_scope=p.intent == self.classifier.oos_label, timings_ms=dict(timings))
                 for m, p in zip(messages, predictions)]
+
+    def _far_from_help_centre(self, vectors: np.ndarray) -> list[bool]:
+        """Whether each message's nearest passage is under TANDEM_OOS_MIN_SIMILARITY. The intent
+        model always picks one of its intents, at times confidently ("Can you recommend a good home
+        insurance policy?" is `request_refund` at 0.92); a message that nothing in the help centre
+        is close to is out of scope whatever it picked."""
+        threshold = self.settings.oos_min_similarity
+        if not threshold or not len(vectors):
+            return [False] * len(vectors)
+        return [not found or found[0].score < threshold for found in self.index.search_many(vectors, 1)]
 
     def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
         vectors = self._encode([u.message for u in understandings])

@@ -154,6 +154,25 @@ def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monke
     assert result.passages == [] and result.sources == [] and not result.escalate
 
 
+def test_a_message_far_from_every_passage_is_out_of_scope_whatever_intent_the_model_picks(pipeline, monkeypatch):
+    # The intent model alone gives this a banking intent with high confidence (bench oos).
+    message = "Can you recommend a good home insurance policy?"
+    gated = pipeline.understand([message])[0]
+    assert gated.intent == "oos" and gated.out_of_scope and gated.passages == []
+    monkeypatch.setattr(pipeline.settings, "oos_min_similarity", 0.0)
+    alone = pipeline.understand([message])[0]
+    assert alone.intent != "oos" and alone.confidence >= 0.5 and alone.passages
+
+
+def test_the_gate_leaves_hand_offs_and_in_scope_messages_alone(pipeline, monkeypatch):
+    understood = pipeline.understand(["I lost my card", "There is a payment on my card I did not make"])
+    assert [u.out_of_scope for u in understood] == [False, False] and understood[1].escalate
+    monkeypatch.setattr(pipeline.settings, "oos_min_similarity", 0.99)  # every message is now far
+    lost, fraud = pipeline.understand(["I lost my card", "There is a payment on my card I did not make"])
+    assert lost.out_of_scope and lost.intent == "oos"
+    assert fraud.escalate and not fraud.out_of_scope  # a person still sees possible fraud
+
+
 def test_handoff_intent_escalates_without_generation(pipeline, monkeypatch):
     monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: (p for p in ()))
     result = pipeline.run("There is a payment on my card I did not make, someone else used it")
