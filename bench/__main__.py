@@ -335,7 +335,8 @@ def bench_latency(args) -> None:
     load_seconds = time.perf_counter() - started
     pipeline.run("warm up")
     first_tokens, understand = [], []
-    for text in ["I lost my card", *texts[:: len(texts) // args.n][: args.n - 1]]:
+    messages = ["I lost my card", *texts[:: len(texts) // args.n][: args.n - 1]]
+    for text in messages:
         t0 = time.perf_counter()
         u = pipeline.understand([text])[0]
         understand.append((time.perf_counter() - t0) * 1000)
@@ -347,7 +348,31 @@ def bench_latency(args) -> None:
     save("latency", {"n": len(first_tokens), "model_load_seconds": round(load_seconds, 1),
                      "understand_ms_p50": round(statistics.median(understand), 1),
                      "first_token_ms_p50": round(statistics.median(first_tokens), 1), "first_token_ms_p95": round(q[18], 1),
-                     "first_token_ms_max": round(max(first_tokens), 1)})
+                     "first_token_ms_max": round(max(first_tokens), 1),
+                     "held_sentences": _held_sentences_ab(pipeline, messages)})
+
+
+def _held_sentences_ab(pipeline, messages: list[str]) -> dict:
+    """When the customer sees the first text of a reply, with sentences streamed as generated
+    and held until the guard passes them (TANDEM_GUARD_HOLD_SENTENCES), alternating per message.
+    A held draft rejected at its first sentence shows nothing until the quoted answer."""
+    from pipeline.chain import Done, Token
+
+    seen: dict[str, list[float]] = {"off": [], "on": []}
+    for message in messages:
+        understanding = pipeline.understand([message])[0]
+        for state in seen:
+            pipeline.settings.guard_hold_sentences = state == "on"
+            started = time.perf_counter()
+            try:
+                for event in pipeline.respond(understanding):
+                    if isinstance(event, Token | Done):
+                        seen[state].append((time.perf_counter() - started) * 1000)
+                        break
+            finally:
+                pipeline.settings.guard_hold_sentences = False
+    return {state: {"first_text_ms_p50": round(statistics.median(v), 1),
+                    "first_text_ms_p95": round(statistics.quantiles(v, n=20)[18], 1)} for state, v in seen.items()}
 
 
 PERFORMANCE_SUITE = ["nlu", "decode", "e2e", "serving", "hardware"]

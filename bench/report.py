@@ -76,6 +76,12 @@ def main() -> None:
                    f"({latency['machine']['date']}): p50 {latency['first_token_ms_p50']:.0f} ms, p95 "
                    f"{latency['first_token_ms_p95']:.0f} ms over {latency['n']} messages (loading took "
                    f"{latency['model_load_seconds']} s).\n")
+        held = latency.get("held_sentences")
+        if held:
+            out.append(f"The first text the customer sees, with sentences streamed as generated and held until the guard "
+                       f"passes them (`TANDEM_GUARD_HOLD_SENTENCES`), the same messages alternating: p50 "
+                       f"{held['off']['first_text_ms_p50']:.0f} ms against {held['on']['first_text_ms_p50']:.0f} ms held, "
+                       f"p95 {held['off']['first_text_ms_p95']:.0f} ms against {held['on']['first_text_ms_p95']:.0f} ms.\n")
     distributed = load("distributed")
     if distributed:
         n, t = distributed["nlu_tickets_per_s"], distributed["first_token_ms"]

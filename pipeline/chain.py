@@ -237,17 +237,23 @@ class HybridPipeline:
             yield Token(reply)
         else:
             shown = understanding.passages[: self.responder.max_passages]
+            hold = self.settings.guard_hold_sentences
             draft = ""
             checked = 0  # the draft's first `checked` characters are whole sentences the guard passed
             rejected = False
+
+            def release(text: str) -> Token:
+                if "first_token" not in timings:
+                    timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
+                return Token(text)
+
             with closing(self.responder.stream(understanding.message, understanding.intent, understanding.passages,
                                                history, limits)) as pieces:  # closing frees the backend's slot
                 for piece in pieces:
-                    if "first_token" not in timings:
-                        timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
                     draft += piece
-                    yield Token(piece)
-                    end = last_sentence_end(draft) if self.settings.guard_stop_early else 0
+                    if not hold:
+                        yield release(piece)
+                    end = last_sentence_end(draft) if self.settings.guard_stop_early or hold else 0
                     if end > checked:
                         sentences = draft[checked:end]
                         # A rejected sentence fails the whole reply, which the guard will replace:
@@ -255,6 +261,8 @@ class HybridPipeline:
                         if sentences.strip() and not self.guard.check(sentences, shown).supported:
                             rejected = True
                             break
+                        if hold:
+                            yield release(sentences)
                         checked = end
             timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
             guard_started = time.perf_counter()
@@ -262,11 +270,14 @@ class HybridPipeline:
             if rejected or not self.guard.check(reply, shown).supported:
                 reply = self.guard.extractive_answer(understanding.message, shown)
                 grounded = False
-            elif missing := self.guard.missing_sentences(reply, understanding.message, shown):
-                gap = "\n\n"[len(draft) - len(draft.rstrip("\n")):]  # a blank line, counting the draft's own
-                addition = gap + " ".join(missing)
-                yield Token(addition, from_guard=True)
-                reply = (draft + addition).strip()  # what a client that joins the tokens shows
+            else:
+                if hold and draft[checked:]:
+                    yield release(draft[checked:])  # the last sentence, which no break followed
+                if missing := self.guard.missing_sentences(reply, understanding.message, shown):
+                    gap = "\n\n"[len(draft) - len(draft.rstrip("\n")):]  # a blank line, counting the draft's own
+                    addition = gap + " ".join(missing)
+                    yield Token(addition, from_guard=True)
+                    reply = (draft + addition).strip()  # what a client that joins the tokens shows
             timings["guard"] = round((time.perf_counter() - guard_started) * 1000, 2)
         timings["total"] = round(sum(v for k, v in timings.items() if k not in {"first_token"}), 2)
         used = understanding.passages[: self.responder.max_passages] if not understanding.escalate else []
@@ -280,7 +291,8 @@ class HybridPipeline:
     @property
     def reply_identity(self) -> str:
         """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
-        return f"{self.responder.identity}|{self.guard.identity}|{int(self.settings.guard_stop_early)}"
+        return (f"{self.responder.identity}|{self.guard.identity}|"
+                f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}")
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # Stop generating at the first sentence the guard rejects (the reply is then replaced
     # anyway): less of an unsupported draft is streamed, and its slot is free sooner.
     guard_stop_early: bool = True
+    # Stream each sentence only once the guard has passed it, so no sentence it rejects reaches
+    # the customer; the first token then waits for the first sentence (README, "Measured").
+    guard_hold_sentences: bool = False
     max_message_chars: int = 4000
 
     # Redis and workers (workers/): unset redis_url means the embedded redis-server that `tandem up` starts.

@@ -121,6 +121,21 @@ def test_sentences_the_guard_passes_stream_on(pipeline, monkeypatch):
     assert record == {"read": 3, "closed": False} and events[-1].result.grounded
 
 
+def test_held_sentences_stream_only_once_the_guard_has_passed_them(pipeline, monkeypatch):
+    identity = pipeline.reply_identity
+    monkeypatch.setattr(pipeline.settings, "guard_hold_sentences", True)
+    assert pipeline.reply_identity != identity
+    passing = ["Standard delivery takes ", "3–5 working days in the UK. ", "It is free for ", "your first card."]
+    events, _ = _recorded_draft(pipeline, monkeypatch, passing)
+    drafted = [e.text for e in events if isinstance(e, Token) and not e.from_guard]
+    assert drafted == ["Standard delivery takes 3–5 working days in the UK. ", "It is free for your first card."]
+    assert events[-1].result.grounded and "first_token" in events[-1].result.timings_ms
+
+    events, record = _recorded_draft(pipeline, monkeypatch, [*passing[:2], *REJECTED_DRAFT])
+    assert [e.text for e in events if isinstance(e, Token)] == [passing[0] + passing[1]]  # not a word of the rest
+    assert record == {"read": 3, "closed": True} and not events[-1].result.grounded
+
+
 def test_the_bundled_model_gives_the_same_reply_with_and_without_stopping_early(pipeline, monkeypatch):
     understanding = pipeline.understand(["I lost my card"])[0]
     early = list(pipeline.respond(understanding))
