@@ -1,10 +1,12 @@
 """classify -> route -> retrieve -> respond -> guard, for one message or a batch.
 
 One encoder pass per message gives the vector that both the classifier and the retriever read.
-Routing: out-of-scope messages get a short request to rephrase and hand-off intents
-get a holding reply, neither calling the generator. Retrieval fuses the passage's
-similarity with the classifier's probability for the passage's intent, so a message
-whose wording is close to the wrong article still finds the article for its intent.
+Routing: out-of-scope messages (the classifier rejects them, or no passage is near them)
+get a short request to rephrase and hand-off intents get a holding reply, neither calling
+the generator. Retrieval fuses the passage's similarity with the classifier's probability
+for the passage's intent, so a message whose wording is close to the wrong article still
+finds the article for its intent. The guard checks each sentence of a draft as it
+completes, and the draft stops at the first one it rejects.
 """
 
 from __future__ import annotations
