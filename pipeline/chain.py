@@ -252,20 +252,22 @@ class HybridPipeline:
             with closing(self.responder.stream(understanding.message, understanding.intent, understanding.passages,
                                                history, limits)) as pieces:  # closing frees the backend's slot
                 for piece in pieces:
-                    draft += piece
-                    if not hold:
-                        yield release(piece)
+                    before, draft = len(draft), draft + piece
                     end = last_sentence_end(draft) if self.settings.guard_stop_early or hold else 0
                     if end > checked:
                         sentences = draft[checked:end]
                         # A rejected sentence fails the whole reply, which the guard will replace:
-                        # stop decoding it now rather than at max_tokens.
+                        # stop decoding it now rather than at max_tokens, and stream nothing after it.
                         if sentences.strip() and not self.guard.check(sentences, shown).supported:
                             rejected = True
+                            if not hold and end > before:
+                                yield release(draft[before:end])
                             break
                         if hold:
                             yield release(sentences)
                         checked = end
+                    if not hold:
+                        yield release(piece)
             timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
             guard_started = time.perf_counter()
             reply = draft.strip()

@@ -459,13 +459,17 @@ async def openai_chunks(events, completion_id: str, created: int, model: str) ->
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    streamed = False
     async for _, kind, data in events:
         if kind == "token":
+            streamed = streamed or bool(data["text"].strip())
             yield chunk({"content": data["text"]})
         elif kind == "done":
             if not data.get("grounded", True):
-                # The draft already went out and cannot be recalled: say so and give the quoted answer.
-                yield chunk({"content": f"\n\n[Correction, quoted from our help centre] {data['reply']}"})
+                # A draft that went out cannot be recalled: say so and give the quoted answer. With
+                # TANDEM_GUARD_HOLD_SENTENCES none may have: then the quoted answer is the reply.
+                yield chunk({"content": f"\n\n[Correction, quoted from our help centre] {data['reply']}" if streamed
+                             else data["reply"]})
             yield chunk({}, "stop", tandem=extension(data))
         elif kind == "error":
             yield f"data: {json.dumps(error_body(data.get('message', 'generation failed'), 'server_error'))}\n\n"

@@ -235,6 +235,7 @@ def ask(
         message = message.encode("utf-8", "surrogateescape")
     pipeline = _load_pipeline()
     result = None
+    drafted = False  # with TANDEM_GUARD_HOLD_SENTENCES a rejected draft may show nothing
     for event in pipeline.stream(message):
         if isinstance(event, Meta) and not as_json:
             u = event.understanding
@@ -243,6 +244,7 @@ def ask(
                       f"{', '.join(dict.fromkeys(p.article_id for p in u.passages[:pipeline.responder.max_passages])) or '-'}[/]",
                       highlight=False)
         elif isinstance(event, Token) and not as_json:
+            drafted = drafted or bool(event.text.strip())
             console.print(event.text, end="", highlight=False, markup=False, soft_wrap=True)
         elif isinstance(event, Done):
             result = event.result
@@ -252,7 +254,7 @@ def ask(
     console.print()
     if not result.grounded:
         console.print("[yellow]The draft above was not supported by the help articles; the answer quoted from "
-                      "them is:[/]")
+                      "them is:[/]" if drafted else "[yellow]Quoted from the help articles:[/]")
         console.print(result.reply, highlight=False, markup=False)
     shown = {p["article_id"]: p for p in reversed(result.passages) if p["article_id"] in result.sources}
     for passage in reversed(shown.values()):

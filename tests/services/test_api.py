@@ -310,3 +310,24 @@ def test_redis_restart_under_load(api, redis_server):
     recovered = httpx.post(f"{api}/v1/chat/completions", headers=auth(), timeout=120,
                            json={"messages": [{"role": "user", "content": "How do I change my PIN?"}]})
     assert recovered.status_code == 200 and recovered.json()["choices"][0]["message"]["content"].strip()
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    (["We charge £9. "], "We charge £9. \n\n[Correction, quoted from our help centre] Delivery is free."),
+    ([], "Delivery is free."),  # a held draft rejected at its first sentence: nothing to correct
+])
+def test_an_unsupported_draft_is_corrected_only_where_it_streamed(tokens, expected):
+    import asyncio
+
+    from services.api import openai_chunks
+
+    async def events():
+        for text in tokens:
+            yield "1", "token", {"text": text}
+        yield "2", "done", {"grounded": False, "reply": "Delivery is free."}
+
+    async def content() -> str:
+        chunks = [c async for c in openai_chunks(events(), "id", 0, "tandem") if c != "data: [DONE]\n\n"]
+        return "".join(json.loads(c[5:])["choices"][0]["delta"].get("content", "") for c in chunks)
+
+    assert asyncio.run(content()) == expected

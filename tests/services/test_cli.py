@@ -149,6 +149,10 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_GUARD_COMPLETE_SENTENCES", "-1",
      "TANDEM_GUARD_COMPLETE_SENTENCES: Input should be greater than or equal to 0"),
     ("TANDEM_GUARD_COMPLETE_SENTENCES", "three", "TANDEM_GUARD_COMPLETE_SENTENCES: Input should be a valid integer"),
+    ("TANDEM_GUARD_STOP_EARLY", "perhaps", "TANDEM_GUARD_STOP_EARLY: Input should be a valid boolean"),
+    ("TANDEM_GUARD_HOLD_SENTENCES", "perhaps", "TANDEM_GUARD_HOLD_SENTENCES: Input should be a valid boolean"),
+    ("TANDEM_OOS_MIN_SIMILARITY", "1.5", "TANDEM_OOS_MIN_SIMILARITY: Input should be less than or equal to 1"),
+    ("TANDEM_OOS_MIN_SIMILARITY", "near", "TANDEM_OOS_MIN_SIMILARITY: Input should be a valid number"),
 ])
 def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
