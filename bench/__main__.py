@@ -355,13 +355,20 @@ def bench_latency(args) -> None:
 def _held_sentences_ab(pipeline, messages: list[str]) -> dict:
     """When the customer sees the first text of a reply, with sentences streamed as generated
     and held until the guard passes them (TANDEM_GUARD_HOLD_SENTENCES), alternating per message.
-    A held draft rejected at its first sentence shows nothing until the quoted answer."""
+    A held draft rejected at its first sentence shows nothing until the quoted answer. Each
+    run starts with only the system prompt cached: the second run of a message would
+    otherwise find the whole prompt cached by the first."""
+    from bench.perf import _only_system_prompt_cached
     from pipeline.chain import Done, Token
+    from pipeline.responder import SYSTEM_PROMPT
 
+    engine = pipeline.responder.backend
     seen: dict[str, list[float]] = {"off": [], "on": []}
     for message in messages:
         understanding = pipeline.understand([message])[0]
         for state in seen:
+            if hasattr(engine, "forget_prefixes"):
+                _only_system_prompt_cached(engine, {"role": "system", "content": SYSTEM_PROMPT})
             pipeline.settings.guard_hold_sentences = state == "on"
             started = time.perf_counter()
             try:
