@@ -173,7 +173,8 @@ def performance() -> list[str]:
             tokens = (f"; {stop['on']['tokens_per_ticket']} against {stop['off']['tokens_per_ticket']} tokens decoded per "
                       f"ticket" if "tokens_per_ticket" in stop["on"] else "")
             out.append(f"The first row's {stop['on']['n']} tickets with the guard stopping a draft at the first sentence it rejects "
-                       f"(`TANDEM_GUARD_STOP_EARLY`) and without (alternating, best of two): "
+                       f"(`TANDEM_GUARD_STOP_EARLY`) and without (alternating, best of two, each run starting with only the "
+                       f"system prompt cached): "
                        f"{stop['on']['tickets_per_min']} against {stop['off']['tickets_per_min']} tickets/min, "
                        f"{stop['on_over_off']}×{tokens}. Final replies the same: {stop['same_replies_on_off']:.1%} "
                        f"(between the two runs without: {stop['same_replies_off_off']:.1%}).\n")
