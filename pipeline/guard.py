@@ -6,7 +6,9 @@ passages or misstates a duration they give, or when one of its sentences is not 
 enough to any passage sentence.
 A failed reply is replaced by the passage sentences closest to the question. A reply
 that passes but leaves some of those sentences unsaid is completed with them: the small
-generator often answers vaguely ("a small fee that can vary") where the article names it.
+generator often answers vaguely ("a small fee that can vary") where the article names it,
+so a sentence counts as said only when the reply also gives its specifics (its numbers and
+app paths such as "Cards → Security"), however close the reply's wording comes to it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _DURATION = re.compile(r"(\d+(?:[.,]\d+)*)(?:\s*(?:–|—|-|to)\s*(\d+(?:[.,]\d+)*))?\s*"
                        r"(?:working |business |calendar )?(minute|hour|day|week|month|year)s?\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_APP_PATH_STEP = re.compile(r"([\w'’]+)[\"”]?\s*(?:→|->)\s*(?=[\"“]?([\w'’]+))")
 # A passage sentence counts as already said when a reply sentence is this close to it. On the
 # grounding set 0.8 and 0.9 gave the same key-fact recall; 0.8 repeats less.
 _ALREADY_SAID = 0.8
@@ -54,6 +57,12 @@ def unsupported_numbers(reply: str, source: str) -> list[str]:
             continue
         missing.append(f"{start}–{end} {unit}s" if end else f"{start} {unit}s")
     return missing
+
+
+def specifics(text: str) -> set[str]:
+    """What a customer acts on: the numbers, and each step of an app path ("Cards → Security" -> "cards→security")."""
+    steps = {f"{a}→{b}".lower().replace("’", "'") for a, b in _APP_PATH_STEP.findall(text)}
+    return numbers_in(text) | steps
 
 
 def last_sentence_end(text: str) -> int:
@@ -87,8 +96,8 @@ class GroundingGuard:
 
     @property
     def identity(self) -> str:
-        """What a cached reply depends on in the guard."""
-        return f"guard:{self.similarity_threshold}:{self.complete_sentences}"
+        """What a cached reply depends on in the guard; the version moves when its rules do."""
+        return f"guard2:{self.similarity_threshold}:{self.complete_sentences}"
 
     def check(self, reply: str, passages: list[Passage]) -> GuardVerdict:
         source = "\n".join(f"{p.title}\n{p.text}" for p in passages)
@@ -113,14 +122,16 @@ class GroundingGuard:
 
     def missing_sentences(self, reply: str, question: str, passages: list[Passage]) -> list[str]:
         """Of the ``complete_sentences`` passage sentences closest to the question, those the
-        reply does not already say (none of its sentences is close to them), in reading order."""
+        reply does not already say, in reading order: none of its sentences is close to them,
+        or the reply leaves out one of their specifics."""
         chosen = self.closest_sentences(question, passages, self.complete_sentences)
         said = sentences(reply) or ([reply.strip()] if reply.strip() else [])
         if not chosen or not said:
             return chosen
         vectors = self._embed(said + chosen)
         similarity = vectors[len(said):] @ vectors[: len(said)].T
-        return [s for s, row in zip(chosen, similarity) if row.max() < _ALREADY_SAID]
+        given = specifics(reply)
+        return [s for s, row in zip(chosen, similarity) if row.max() < _ALREADY_SAID or not specifics(s) <= given]
 
     def closest_sentences(self, question: str, passages: list[Passage], n: int) -> list[str]:
         """The ``n`` passage sentences closest to the question, in reading order. The best

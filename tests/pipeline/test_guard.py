@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.guard import GroundingGuard, durations_in, last_sentence_end, numbers_in, sentences, unsupported_numbers
+from pipeline.guard import GroundingGuard, durations_in, last_sentence_end, numbers_in, sentences, specifics, unsupported_numbers
 from pipeline.knowledge import Passage
 
 
@@ -92,6 +92,24 @@ def test_missing_sentences_are_the_closest_ones_the_reply_leaves_out(encoder):
         "Express delivery takes 1–2 working days.", question, DELIVERY) == ["A replacement card costs £5."]
     assert GroundingGuard(encoder.embed, complete_sentences=0).missing_sentences("Hi there friend.", question,
                                                                                  DELIVERY) == []
+
+
+def test_specifics_are_numbers_and_app_path_steps():
+    assert specifics('Go to Account -> Statements → "Download PDF" within 30 days.') == \
+        {"account→statements", "statements→download", "30"}
+
+
+def test_a_close_sentence_without_its_specifics_is_not_said(encoder):
+    """A vague paraphrase ("a few working days") embeds close to the article's sentence but
+    leaves out what the customer needs from it."""
+    guard = GroundingGuard(encoder.embed, complete_sentences=1)
+    assert guard.missing_sentences("Express delivery takes a few working days.", "How fast is express delivery?",
+                                   DELIVERY) == ["Express delivery takes 1–2 working days."]
+    security = [passage("Freeze the card in the app under Cards → Security. We never ask for your PIN.")]
+    question = "Where do I freeze my card?"
+    assert guard.missing_sentences("Freeze the card in the app under Security.", question, security) == \
+        ["Freeze the card in the app under Cards → Security."]
+    assert guard.missing_sentences("Open Cards -> Security in the app and freeze the card.", question, security) == []
 
 
 def test_guard_identity_names_what_changes_a_reply(encoder):
