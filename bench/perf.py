@@ -340,17 +340,19 @@ def _draft_tickets(pipeline, texts: list[str], out: list[str] | None = None) -> 
     for i in range(0, len(texts), 64):
         understood.extend(pipeline.understand(texts[i:i + 64]))
     with ThreadPoolExecutor(max_workers=pipeline.settings.responder_slots) as pool:
-        replies = list(pool.map(lambda u: pipeline.run_understood(u).reply, understood))
+        results = list(pool.map(pipeline.run_understood, understood))
     seconds = time.perf_counter() - started
     if out is not None:
-        out.extend(replies)
-    return {"tickets_per_min": round(len(texts) / seconds * 60, 1), "n": len(texts), "drafted": sum(bool(r) for r in replies)}
+        out.extend(r.reply for r in results)
+    return {"tickets_per_min": round(len(texts) / seconds * 60, 1), "n": len(texts),
+            "drafted": sum(bool(r.reply) for r in results), "grounded": sum(r.grounded for r in results)}
 
 
-def _stop_early_ab(pipeline, texts: list[str]) -> dict:
-    """Drafting with the guard stopping at the first sentence it rejects and without
-    (TANDEM_GUARD_STOP_EARLY), alternating, best of two, each run starting with only the system
-    prompt cached: tickets/min, tokens decoded per ticket, and the share of final replies that
+def _guard_setting_ab(pipeline, texts: list[str], setting: str) -> dict:
+    """Drafting with a guard setting that is on by default (guard_stop_early: stop at the first
+    sentence the guard rejects; guard_second_draft: a second draft after a rejected one) on and
+    off, alternating, best of two, each run starting with only the system prompt cached:
+    tickets/min, tokens decoded per ticket, grounded replies, and the share of final replies that
     came out the same. Two runs of one setting can word a reply differently (a batch's makeup
     moves llama.cpp's sums), so the two runs without are compared too."""
     from pipeline.responder import SYSTEM_PROMPT
@@ -362,13 +364,13 @@ def _stop_early_ab(pipeline, texts: list[str]) -> dict:
         for state in runs:
             if hasattr(engine, "forget_prefixes"):
                 _only_system_prompt_cached(engine, {"role": "system", "content": SYSTEM_PROMPT})
-            pipeline.settings.guard_stop_early = state == "on"
+            setattr(pipeline.settings, setting, state == "on")
             generated = getattr(engine, "tokens_generated", None)
             replies[state].append([])
             try:
                 row = _draft_tickets(pipeline, texts, replies[state][-1])
             finally:
-                pipeline.settings.guard_stop_early = True
+                setattr(pipeline.settings, setting, True)
             if generated is not None:
                 row["tokens_per_ticket"] = round((engine.tokens_generated - generated) / len(texts), 1)
             runs[state].append(row)
@@ -414,8 +416,10 @@ def bench_e2e(args) -> None:
     print("ours", ours, flush=True)
     cache = _prefix_cache_e2e(pipeline, args.tickets) if pipeline.settings.responder_backend == "llama_cpp" else None
     print("prefix cache", cache, flush=True)
-    stop_early = _stop_early_ab(pipeline, texts)
+    stop_early = _guard_setting_ab(pipeline, texts, "guard_stop_early")
     print("guard stopping early", stop_early, flush=True)
+    second_draft = _guard_setting_ab(pipeline, texts, "guard_second_draft")
+    print("second drafts", second_draft, flush=True)
     del pipeline
     small, _ = banking77_test(args.peer_tickets)
     rows = {"ours": ours, "naive": peers.naive_e2e(small, max_tokens=args.max_tokens)}
@@ -423,7 +427,7 @@ def bench_e2e(args) -> None:
     rows["haystack"] = peers.haystack_e2e(small, max_tokens=args.max_tokens)
     print(rows, flush=True)
     save("e2e", {"max_tokens": args.max_tokens, "rows": rows, "prefix_cache_random_tickets": cache,
-                 "guard_stop_early": stop_early,
+                 "guard_stop_early": stop_early, "guard_second_draft": second_draft,
                  "ratios": {f"ours_over_{k}": round(ours["tickets_per_min"] / v["tickets_per_min"], 2)
                             for k, v in rows.items() if k != "ours"}})
 

@@ -63,13 +63,16 @@ def main() -> None:
         out.append(f"**Grounding**, {grounding['questions']} questions with key facts (`pipeline/data/eval/grounding.jsonl`), "
                    "`python -m bench grounding`:\n")
         out.append("| backend | key-fact recall before guard | after guard | replies with an unsupported number before | after "
-                   "| replaced by the guard | completed by the guard | measured |\n|---|---|---|---|---|---|---|---|")
+                   "| second drafts | replaced by the guard | completed by the guard | seconds, one question at a time "
+                   "| measured |\n|---|---|---|---|---|---|---|---|---|---|")
         for backend, r in grounding["backends"].items():
             out.append(f"| {backend} | {pct(r['key_fact_recall_before_guard'])} | {pct(r['key_fact_recall_after_guard'])} "
                        f"| {pct(r['unsupported_number_rate_before_guard'])} | {pct(r['unsupported_number_rate_after_guard'])} "
+                       f"| {pct(r['second_drafts']) if 'second_drafts' in r else 'n/a'} "
                        f"| {pct(r['guard_replaced'])} | {pct(r['guard_completed']) if 'guard_completed' in r else 'n/a'} "
-                       f"| {r.get('measured', grounding['machine']['date'])} |")
-        out.append("")
+                       f"| {r.get('seconds', 'n/a')} | {r.get('measured', grounding['machine']['date'])} |")
+        out.append("\n\"Before guard\" reads each reply's first draft in full (`bench grounding` runs with "
+                   "`TANDEM_GUARD_STOP_EARLY` off); \"after\" reads the reply.\n")
     latency = load("latency")
     if latency:
         out.append(f"**Time to first token** after the models are loaded, in-process, `python -m bench latency` "
@@ -178,6 +181,15 @@ def performance() -> list[str]:
                        f"{stop['on']['tickets_per_min']} against {stop['off']['tickets_per_min']} tickets/min, "
                        f"{stop['on_over_off']}×{tokens}. Final replies the same: {stop['same_replies_on_off']:.1%} "
                        f"(between the two runs without: {stop['same_replies_off_off']:.1%}).\n")
+        second = e2e.get("guard_second_draft")
+        if second:
+            out.append(f"The same tickets with a second draft after one the guard rejects (`TANDEM_GUARD_SECOND_DRAFT`) "
+                       f"and without (alternating, best of two, each run starting with only the system prompt cached): "
+                       f"{second['on']['tickets_per_min']} against {second['off']['tickets_per_min']} tickets/min, "
+                       f"{second['on_over_off']}×; {second['on']['tokens_per_ticket']} against "
+                       f"{second['off']['tokens_per_ticket']} tokens decoded per ticket; replies not replaced by quoted "
+                       f"sentences {second['on']['grounded']} against {second['off']['grounded']} of {second['on']['n']} "
+                       f"(hand-offs and requests to rephrase among them).\n")
     serving = load("serving")
     if serving:
         out.append(f"**Serving** through Redis and the real workers (nlu + gen with `TANDEM_GEN_POOL=threads`, "

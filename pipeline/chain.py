@@ -6,7 +6,8 @@ get a short request to rephrase and hand-off intents get a holding reply, neithe
 the generator. Retrieval fuses the passage's similarity with the classifier's probability
 for the passage's intent, so a message whose wording is close to the wrong article still
 finds the article for its intent. The guard checks each sentence of a draft as it
-completes, and the draft stops at the first one it rejects.
+completes, and the draft stops at the first one it rejects; a second draft, asked for the
+article's steps, gets one more chance before the reply quotes the article.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.encoder import SentenceEncoder, VectorCache
 from pipeline.errors import InputError, ModelLoadError, TandemError
 from pipeline.guard import GroundingGuard, last_sentence_end
 from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
-from pipeline.responder import GenerationLimits, Responder, make_backend
+from pipeline.responder import ANSWER, STEPS, GenerationLimits, Responder, make_backend
 from pipeline.settings import Settings
 
 OOS_REPLY = ("Sorry, I can only help with questions about your Northwind account, cards and payments. "
@@ -80,6 +81,7 @@ class Meta:
 class Token:
     text: str
     from_guard: bool = False  # help-centre sentences the guard appended, not generated text
+    restart: bool = False  # begins a second draft: the draft text streamed before it is withdrawn
 
 
 @dataclass
@@ -240,38 +242,49 @@ class HybridPipeline:
         else:
             shown = understanding.passages[: self.responder.max_passages]
             hold = self.settings.guard_hold_sentences
-            draft = ""
-            checked = 0  # the draft's first `checked` characters are whole sentences the guard passed
-            rejected = False
+            streamed = restart = False
 
             def release(text: str) -> Token:
+                nonlocal streamed, restart
                 if "first_token" not in timings:
                     timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
-                return Token(text)
+                token = Token(text, restart=restart)
+                streamed, restart = True, False
+                return token
 
-            with closing(self.responder.stream(understanding.message, understanding.intent, understanding.passages,
-                                               history, limits)) as pieces:  # closing frees the backend's slot
-                for piece in pieces:
-                    before, draft = len(draft), draft + piece
-                    end = last_sentence_end(draft) if self.settings.guard_stop_early or hold else 0
-                    if end > checked:
-                        sentences = draft[checked:end]
-                        # A rejected sentence fails the whole reply, which the guard will replace:
-                        # stop decoding it now rather than at max_tokens, and stream nothing after it.
-                        if sentences.strip() and not self.guard.check(sentences, shown).supported:
-                            rejected = True
-                            if not hold and end > before:
-                                yield release(draft[before:end])
-                            break
-                        if hold:
-                            yield release(sentences)
-                        checked = end
-                    if not hold:
-                        yield release(piece)
+            accepted = False
+            for instruction in [ANSWER, STEPS] if self.settings.guard_second_draft else [ANSWER]:
+                restart = streamed  # a client replaces what it showed of the rejected draft
+                draft = ""
+                checked = 0  # the draft's first `checked` characters are whole sentences the guard passed
+                rejected = False
+                with closing(self.responder.stream(understanding.message, understanding.intent,
+                                                   understanding.passages, history, limits,
+                                                   instruction=instruction)) as pieces:  # frees the backend's slot
+                    for piece in pieces:
+                        before, draft = len(draft), draft + piece
+                        end = last_sentence_end(draft) if self.settings.guard_stop_early or hold else 0
+                        if end > checked:
+                            sentences = draft[checked:end]
+                            # A rejected sentence fails the whole reply, which the guard will replace:
+                            # stop decoding it now rather than at max_tokens, and stream nothing after it.
+                            if sentences.strip() and not self.guard.check(sentences, shown).supported:
+                                rejected = True
+                                if not hold and end > before:
+                                    yield release(draft[before:end])
+                                break
+                            if hold:
+                                yield release(sentences)
+                            checked = end
+                        if not hold:
+                            yield release(piece)
+                if not rejected and self.guard.check(draft.strip(), shown).supported:
+                    accepted = True
+                    break
             timings["generate"] = round((time.perf_counter() - started) * 1000, 2)
             guard_started = time.perf_counter()
             reply = draft.strip()
-            if rejected or not self.guard.check(reply, shown).supported:
+            if not accepted:
                 reply = self.guard.extractive_answer(understanding.message, shown)
                 grounded = False
             else:
@@ -281,7 +294,7 @@ class HybridPipeline:
                     gap = "\n\n"[len(draft) - len(draft.rstrip("\n")):]  # a blank line, counting the draft's own
                     addition = gap + " ".join(missing)
                     yield Token(addition, from_guard=True)
-                    reply = (draft + addition).strip()  # what a client that joins the tokens shows
+                    reply = (draft + addition).strip()  # what a client that joins the tokens (since a restart) shows
             timings["guard"] = round((time.perf_counter() - guard_started) * 1000, 2)
         timings["total"] = round(sum(v for k, v in timings.items() if k not in {"first_token"}), 2)
         used = understanding.passages[: self.responder.max_passages] if not understanding.escalate else []
@@ -296,7 +309,8 @@ class HybridPipeline:
     def reply_identity(self) -> str:
         """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
         return (f"{self.responder.identity}|{self.guard.identity}|"
-                f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}")
+                f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}"
+                f"{int(self.settings.guard_second_draft)}")
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

@@ -56,11 +56,12 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
     for n, question in enumerate(questions, 1):
         draft = []
         result = None
-        completed = False
+        completed = second_draft = False
         for event in pipeline.stream(question["question"]):
             if isinstance(event, Token):
                 completed |= event.from_guard
-                if not event.from_guard:
+                second_draft |= event.restart
+                if not event.from_guard and not second_draft:  # "before the guard" is the first draft
                     draft.append(event.text)
             elif isinstance(event, Done):
                 result = event.result
@@ -73,7 +74,7 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
             "final_recall": key_fact_recall(result.reply, question["key_facts"]),
             "draft_unsupported": unsupported_numbers(draft_text, shown),
             "final_unsupported": unsupported_numbers(result.reply, shown),
-            "grounded": result.grounded, "completed": completed,
+            "grounded": result.grounded, "completed": completed, "second_draft": second_draft,
             "draft": draft_text, "reply": result.reply,
             "first_token_ms": result.timings_ms.get("first_token"),
         })
@@ -90,5 +91,6 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
         "unsupported_number_rate_after_guard": round(sum(bool(r["final_unsupported"]) for r in rows) / count, 4),
         "guard_replaced": round(sum(not r["grounded"] for r in rows) / count, 4),
         "guard_completed": round(sum(r["completed"] for r in rows) / count, 4),
+        "second_drafts": round(sum(r["second_draft"] for r in rows) / count, 4),
         "rows": rows,
     }

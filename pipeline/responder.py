@@ -25,6 +25,11 @@ from pipeline.knowledge import Passage
 from pipeline.llama_cpp_backend import LlamaCppBackend
 
 SYSTEM_PROMPT = "You are a helpful customer-support assistant for a bank. Answer briefly and only with facts from the help article."
+ANSWER = "Answer the question in two sentences, using the exact facts and numbers from the help article."
+# For a second draft after the guard rejected the first. As the only instruction it lowered
+# key-fact recall (58% against 63%), but it turns drafts like "I'm sorry for your loss, but
+# I'm unable to assist you" into the article's steps (README, "Measured").
+STEPS = "Tell the customer what to do in two sentences, using the exact steps and numbers from the help article."
 
 
 @dataclass
@@ -37,7 +42,7 @@ class GenerationLimits:
 
 
 def build_messages(message: str, intent: str, passages: list[Passage], history: list[dict] | None = None,
-                   max_passages: int = 1) -> list[dict]:
+                   max_passages: int = 1, instruction: str = ANSWER) -> list[dict]:
     """Chat messages for a grounded answer; ``history`` holds earlier turns as role/content dicts.
 
     Article first, question and instruction last: on every third question of the grounding
@@ -45,8 +50,7 @@ def build_messages(message: str, intent: str, passages: list[Passage], history: 
     against 19% for an instruction-first layout with two passages and 31% for article-first
     with two (measured 2026-11-22 with llama.cpp)."""
     article = "\n\n".join(f"{p.title}\n{_plain(p.text)}" for p in passages[:max_passages])
-    user = (f"Help article:\n{article}\n\nCustomer question: {message}\n\n"
-            f"Answer the question in two sentences, using the exact facts and numbers from the help article.")
+    user = f"Help article:\n{article}\n\nCustomer question: {message}\n\n{instruction}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, *(history or []), {"role": "user", "content": user}]
 
 
@@ -218,8 +222,8 @@ class Responder:
         self.backend.warm_up()
 
     def stream(self, message: str, intent: str, passages: list[Passage], history: list[dict] | None = None,
-               limits: GenerationLimits | None = None) -> Iterator[str]:
-        messages = build_messages(message, intent, passages, history, self.max_passages)
+               limits: GenerationLimits | None = None, instruction: str = ANSWER) -> Iterator[str]:
+        messages = build_messages(message, intent, passages, history, self.max_passages, instruction)
         yield from self.backend.stream(messages, limits or self.limits)
 
     @property

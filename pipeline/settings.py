@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     # Stream each sentence only once the guard has passed it, so no sentence it rejects reaches
     # the customer; the first token then waits for the first sentence (README, "Measured").
     guard_hold_sentences: bool = False
+    # When the guard rejects a draft, write a second one with an instruction to give the
+    # article's steps before falling back to quoting the article (README, "Measured").
+    guard_second_draft: bool = True
     max_message_chars: int = 4000
 
     # Redis and workers (workers/): unset redis_url means the embedded redis-server that `tandem up` starts.

@@ -462,8 +462,10 @@ async def openai_chunks(events, completion_id: str, created: int, model: str) ->
     streamed = False
     async for _, kind, data in events:
         if kind == "token":
+            # A second draft cannot withdraw the first from an OpenAI client: mark where it starts.
+            text = f"\n\n[Correction] {data['text'].lstrip()}" if data.get("restart") and streamed else data["text"]
             streamed = streamed or bool(data["text"].strip())
-            yield chunk({"content": data["text"]})
+            yield chunk({"content": text})
         elif kind == "done":
             if not data.get("grounded", True):
                 # A draft that went out cannot be recalled: say so and give the quoted answer. With

@@ -244,6 +244,8 @@ def ask(
                       f"{', '.join(dict.fromkeys(p.article_id for p in u.passages[:pipeline.responder.max_passages])) or '-'}[/]",
                       highlight=False)
         elif isinstance(event, Token) and not as_json:
+            if event.restart and drafted:  # a terminal cannot take the rejected draft back
+                console.print("\n[yellow]The draft above was not supported by the help articles; a new one:[/]")
             drafted = drafted or bool(event.text.strip())
             console.print(event.text, end="", highlight=False, markup=False, soft_wrap=True)
         elif isinstance(event, Done):

@@ -2,9 +2,10 @@
 conversation memory.
 
 A reply streams through ``tandem:reply:{reply_id}`` as events ``meta``, ``token``...,
-then ``done`` or ``error``; each entry holds ``event`` and a JSON ``data`` field. A
-consumer resumes after the last id it saw, so a reconnect loses nothing and repeats
-nothing.
+then ``done`` or ``error``; each entry holds ``event`` and a JSON ``data`` field. A token
+with ``"restart": true`` begins a second draft after the guard rejected the first: a client
+replaces the text it showed. A consumer resumes after the last id it saw, so a reconnect
+loses nothing and repeats nothing.
 """
 
 from __future__ import annotations
@@ -94,17 +95,22 @@ class ResumingWriter:
         if not self.resumed:
             self.stream.publish("meta", data)
 
-    def token(self, text: str) -> None:
+    def token(self, text: str, restart: bool = False) -> None:
+        """Resuming compares all the token text written so far, both drafts' (a retry that
+        replays the same drafts writes the restart at the same place)."""
         start = len(self.produced)
         self.produced += text
+        flag = {"restart": True} if restart else {}
         if not self.resumed:
-            self.stream.publish("token", {"text": text})
+            self.stream.publish("token", {"text": text, **flag})
             return
         overlap = min(len(self.produced), len(self.sent))
         if self.produced[start:overlap] != self.sent[start:overlap]:  # what came before was checked already
             raise ResumeError(_DIVERGED)
         if len(self.produced) > len(self.sent):
-            self.stream.publish("token", {"text": self.produced[max(start, len(self.sent)):]})
+            # A restart already in the stream was sent with the text before it.
+            self.stream.publish("token", {"text": self.produced[max(start, len(self.sent)):],
+                                          **(flag if start >= len(self.sent) else {})})
 
     def done(self, result: dict) -> None:
         if self.resumed and len(self.produced) < len(self.sent):

@@ -140,17 +140,17 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         if cached:
             writer.meta(_meta(u, cached=True))
             for piece in cached["tokens"]:
-                writer.token(piece)
+                writer.token(piece["text"], piece.get("restart", False))
             result = {**cached["result"], "cached": True}
         else:
-            tokens: list[str] = []
+            tokens: list[dict] = []
             result = {}
             for event in pipeline.respond(u, history, generation):
                 if isinstance(event, Meta):
                     writer.meta(_meta(u, cached=False))
                 elif isinstance(event, Token):
-                    tokens.append(event.text)
-                    writer.token(event.text)
+                    tokens.append({"text": event.text, "restart": True} if event.restart else {"text": event.text})
+                    writer.token(event.text, event.restart)
                 elif isinstance(event, Done):
                     result = {**event.result.to_dict(), "cached": False}
             if use_cache and not history:

@@ -5,6 +5,7 @@ import pytest
 from pipeline.chain import HANDOFF_REPLY, OOS_REPLY, Done, Meta, Token, clean_message
 from pipeline.errors import InputError
 from pipeline.evaluation import grounding_eval, load_questions, retrieval_recall
+from pipeline.responder import ANSWER, STEPS
 from pipeline.settings import PACKAGE_DATA
 
 RESULT_KEYS = {"intent", "confidence", "top_intents", "passages", "reply", "grounded", "escalate", "timings_ms"}
@@ -43,8 +44,17 @@ def test_lost_card_streams_a_grounded_reply(pipeline):
     assert all({"article_id", "score", "text"} <= set(p) for p in result.passages)
     assert result.reply.strip()
     assert {"encode", "classify", "retrieve", "first_token", "generate", "guard", "total"} <= set(result.timings_ms)
-    if result.grounded:
-        assert result.reply == "".join(t.text for t in tokens).strip()
+    # Issue 2's demo. The first draft ("I'm sorry for your loss, but I'm unable to assist you")
+    # fails the guard; the second, asked for the article's steps, passes it (Q4_1, Q8_0 and BF16 weights alike).
+    assert result.grounded
+    assert "Cards → Security" in result.reply
+    assert result.reply == since_last_restart(tokens)
+
+
+def since_last_restart(tokens: list[Token]) -> str:
+    """What a client shows: the tokens from the last second-draft restart on, joined."""
+    start = max((i for i, t in enumerate(tokens) if t.restart), default=0)
+    return "".join(t.text for t in tokens[start:]).strip()
 
 
 DELIVERY_QUESTION = "How long does card delivery take?"
@@ -75,13 +85,17 @@ def test_a_reply_that_already_says_the_facts_is_left_as_drafted(pipeline, monkey
     assert not any(isinstance(e, Token) and e.from_guard for e in events)
 
 
-def _recorded_draft(pipeline, monkeypatch, pieces: list[str]) -> tuple[list, dict]:
-    """Streams DELIVERY_QUESTION with a fixed draft; also says how much of it was read and whether it was closed."""
-    record = {"read": 0, "closed": False}
+def _recorded_draft(pipeline, monkeypatch, pieces: list[str], second: list[str] | None = None) -> tuple[list, dict]:
+    """Streams DELIVERY_QUESTION with a fixed draft; also says how much of it was read and whether it was
+    closed. Without ``second`` there is no second draft; with it, the second draft is those pieces."""
+    record = {"read": 0, "closed": False, "instructions": []}
+    if second is None:
+        monkeypatch.setattr(pipeline.settings, "guard_second_draft", False)
 
-    def draft(*args, **kwargs):
+    def draft(*args, instruction: str = ANSWER, **kwargs):
+        record["instructions"].append(instruction)
         try:
-            for piece in pieces:
+            for piece in pieces if instruction == ANSWER else second:
                 record["read"] += 1
                 yield piece
         except GeneratorExit:
@@ -98,7 +112,7 @@ REJECTED_DRAFT = ["Delivery takes 9 working days. We", " post it ", "to your add
 
 def test_generation_stops_at_the_first_sentence_the_guard_rejects(pipeline, monkeypatch):
     events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT)
-    assert record == {"read": 1, "closed": True}
+    assert record == {"read": 1, "closed": True, "instructions": [ANSWER]}
     result = events[-1].result
     assert not result.grounded
     assert result.reply == pipeline.guard.extractive_answer(DELIVERY_QUESTION, result_passages(pipeline))
@@ -111,14 +125,14 @@ def test_stopping_early_changes_how_much_is_decoded_not_the_reply(pipeline, monk
     monkeypatch.setattr(pipeline.settings, "guard_stop_early", False)
     assert pipeline.reply_identity != identity  # a cached reply replays the tokens streamed
     late, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT)
-    assert record == {"read": 4, "closed": False}
+    assert record == {"read": 4, "closed": False, "instructions": [ANSWER]}
     assert early[-1].result.reply == late[-1].result.reply and not late[-1].result.grounded
 
 
 def test_sentences_the_guard_passes_stream_on(pipeline, monkeypatch):
     pieces = ["Standard delivery takes 3–5 working days in the UK.", "\n\n", "It is free for your first card. "]
     events, record = _recorded_draft(pipeline, monkeypatch, pieces)
-    assert record == {"read": 3, "closed": False} and events[-1].result.grounded
+    assert record == {"read": 3, "closed": False, "instructions": [ANSWER]} and events[-1].result.grounded
 
 
 def test_held_sentences_stream_only_once_the_guard_has_passed_them(pipeline, monkeypatch):
@@ -133,7 +147,46 @@ def test_held_sentences_stream_only_once_the_guard_has_passed_them(pipeline, mon
 
     events, record = _recorded_draft(pipeline, monkeypatch, [*passing[:2], *REJECTED_DRAFT])
     assert [e.text for e in events if isinstance(e, Token)] == [passing[0] + passing[1]]  # not a word of the rest
-    assert record == {"read": 3, "closed": True} and not events[-1].result.grounded
+    assert record == {"read": 3, "closed": True, "instructions": [ANSWER]} and not events[-1].result.grounded
+
+
+PASSING_DRAFT = ["Standard delivery takes ", "3–5 working days in the UK. ", "It is free for ", "your first card."]
+
+
+def test_a_rejected_draft_gets_a_second_draft_that_restarts_the_stream(pipeline, monkeypatch):
+    identity = pipeline.reply_identity
+    events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, PASSING_DRAFT)
+    assert pipeline.reply_identity == identity  # on by default
+    assert record["instructions"] == [ANSWER, STEPS] and record["read"] == 1 + len(PASSING_DRAFT)
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert tokens[0].text == "Delivery takes 9 working days. " and not tokens[0].restart
+    assert tokens[1].text == PASSING_DRAFT[0] and tokens[1].restart
+    assert not any(t.restart for t in tokens[2:])
+    result = events[-1].result
+    assert result.grounded and result.reply.startswith("".join(PASSING_DRAFT))
+    assert result.reply == since_last_restart(tokens)
+
+    monkeypatch.setattr(pipeline.settings, "guard_second_draft", False)
+    assert pipeline.reply_identity != identity
+    events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, PASSING_DRAFT)
+    assert record["instructions"] == [ANSWER] and not events[-1].result.grounded
+
+
+def test_when_both_drafts_fail_the_reply_quotes_the_article(pipeline, monkeypatch):
+    events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, REJECTED_DRAFT)
+    assert record["instructions"] == [ANSWER, STEPS] and record["read"] == 2
+    result = events[-1].result
+    assert not result.grounded
+    assert result.reply == pipeline.guard.extractive_answer(DELIVERY_QUESTION, result_passages(pipeline))
+
+
+def test_a_held_rejected_draft_showed_nothing_so_the_second_does_not_restart(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline.settings, "guard_hold_sentences", True)
+    events, _ = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, PASSING_DRAFT)
+    tokens = [e for e in events if isinstance(e, Token) and not e.from_guard]
+    assert [t.text for t in tokens] == ["Standard delivery takes 3–5 working days in the UK. ",
+                                        "It is free for your first card."]
+    assert not any(t.restart for t in tokens) and events[-1].result.grounded
 
 
 def test_the_bundled_model_gives_the_same_reply_with_and_without_stopping_early(pipeline, monkeypatch):
@@ -143,8 +196,14 @@ def test_the_bundled_model_gives_the_same_reply_with_and_without_stopping_early(
     late = list(pipeline.respond(understanding))
     assert early[-1].result.reply == late[-1].result.reply
     assert early[-1].result.grounded == late[-1].result.grounded
-    streamed = ["".join(e.text for e in run if isinstance(e, Token) and not e.from_guard) for run in (early, late)]
-    assert late[-1].result.grounded or len(streamed[0]) < len(streamed[1])  # a rejected draft was cut short
+    first_drafts = [first_draft([e for e in run if isinstance(e, Token)]) for run in (early, late)]
+    assert all(first_drafts) and len(first_drafts[0]) < len(first_drafts[1])  # the rejected draft was cut short
+
+
+def first_draft(tokens: list[Token]) -> str | None:
+    """The text streamed before a second draft restarted the reply; None when none did."""
+    restarts = [i for i, t in enumerate(tokens) if t.restart]
+    return "".join(t.text for t in tokens[: restarts[0]]) if restarts else None
 
 
 def result_passages(pipeline) -> list:

@@ -317,17 +317,33 @@ def test_redis_restart_under_load(api, redis_server):
     ([], "Delivery is free."),  # a held draft rejected at its first sentence: nothing to correct
 ])
 def test_an_unsupported_draft_is_corrected_only_where_it_streamed(tokens, expected):
+    assert _openai_content(tokens, {"grounded": False, "reply": "Delivery is free."}) == expected
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    ([{"text": "We charge £9. "}, {"text": "Delivery ", "restart": True}, {"text": "is free."}],
+     "We charge £9. \n\n[Correction] Delivery is free."),
+    ([{"text": "Delivery ", "restart": True}, {"text": "is free."}], "Delivery is free."),  # nothing to correct
+])
+def test_a_second_draft_is_marked_as_a_correction_where_the_first_streamed(tokens, expected):
+    assert _openai_content(tokens, {"grounded": True, "reply": "Delivery is free."}) == expected
+
+
+def _openai_content(tokens: list, done: dict) -> str:
+    """What an OpenAI client shows of a stream of these token events."""
     import asyncio
 
     from services.api import openai_chunks
 
     async def events():
-        for text in tokens:
-            yield "1", "token", {"text": text}
-        yield "2", "done", {"grounded": False, "reply": "Delivery is free."}
+        for token in tokens:
+            yield "1", "token", token if isinstance(token, dict) else {"text": token}
+        yield "2", "done", done
 
     async def content() -> str:
         chunks = [c async for c in openai_chunks(events(), "id", 0, "tandem") if c != "data: [DONE]\n\n"]
         return "".join(json.loads(c[5:])["choices"][0]["delta"].get("content", "") for c in chunks)
 
-    assert asyncio.run(content()) == expected
+    return asyncio.run(content())
+
+

@@ -60,3 +60,23 @@ def test_chat_page_streams_a_reply_with_its_source(api, browser, tmp_path):
     assert links[0].get_attribute("href").endswith("/articles/activate-my-card")
     assert reply.text.strip()
     browser.save_screenshot(str(tmp_path / "chat.png"))
+
+
+def test_a_second_draft_replaces_the_rejected_one_on_the_page(api, browser):
+    """"I lost my card": the first draft fails the guard and a second one passes it
+    (tests/pipeline/test_chain.py); the page ends showing the reply, not the rejected draft."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{api}/")
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "message").send_keys("I lost my card")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .sources a"))
+    shown = browser.find_element(By.CSS_SELECTOR, ".turn.bot .reply").text
+    assert not browser.find_elements(By.CSS_SELECTOR, ".turn.bot .warn")
+    answer = httpx.post(f"{api}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                        json={"messages": [{"role": "user", "content": "I lost my card"}]}).json()["tandem"]
+    assert answer["grounded"] and answer["cached"]  # the page's reply, from the cache
+    assert " ".join(shown.split()) == " ".join(answer["reply"].split())

@@ -37,9 +37,18 @@ def test_ask_json_has_every_field(cli_dir):
     result = run(["ask", "I lost my card", "--json"], cli_dir)
     assert result.returncode == 0, result.stderr.decode()
     payload = json.loads(result.stdout)
-    assert payload["intent"] == "lost_or_stolen_card"
+    assert payload["intent"] == "lost_or_stolen_card" and payload["grounded"]  # issue 2's demo
     assert {"intent", "confidence", "top_intents", "passages", "reply", "grounded", "escalate",
             "timings_ms"} <= set(payload)
+
+
+def test_ask_says_where_a_second_draft_begins(cli_dir):
+    result = run(["ask", "I lost my card"], cli_dir)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    draft, second = out.split("The draft above was not supported by the help articles; a new one:")
+    assert draft.strip() and "Cards → Security" in second
+    assert "quoted" not in out.lower()  # the second draft passed the guard
 
 
 def test_ask_streams_to_the_terminal(cli_dir):
@@ -151,6 +160,7 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_GUARD_COMPLETE_SENTENCES", "three", "TANDEM_GUARD_COMPLETE_SENTENCES: Input should be a valid integer"),
     ("TANDEM_GUARD_STOP_EARLY", "perhaps", "TANDEM_GUARD_STOP_EARLY: Input should be a valid boolean"),
     ("TANDEM_GUARD_HOLD_SENTENCES", "perhaps", "TANDEM_GUARD_HOLD_SENTENCES: Input should be a valid boolean"),
+    ("TANDEM_GUARD_SECOND_DRAFT", "twice", "TANDEM_GUARD_SECOND_DRAFT: Input should be a valid boolean"),
     ("TANDEM_OOS_MIN_SIMILARITY", "1.5", "TANDEM_OOS_MIN_SIMILARITY: Input should be less than or equal to 1"),
     ("TANDEM_OOS_MIN_SIMILARITY", "near", "TANDEM_OOS_MIN_SIMILARITY: Input should be a valid number"),
 ])

@@ -84,15 +84,16 @@ def test_cache_round_trip_and_ttl(client):
     assert 0 < client.ttl(key) <= 30
 
 
-def _write(stream: ReplyStream, pieces: list[str], die_after: int | None = None) -> None:
-    """One attempt at a reply; ``die_after`` tokens stands for a worker killed mid-reply."""
+def _write(stream: ReplyStream, pieces: list[str], die_after: int | None = None, restart_at: int | None = None) -> None:
+    """One attempt at a reply; ``die_after`` tokens stands for a worker killed mid-reply, and
+    ``restart_at`` for the piece that begins a second draft."""
     writer = ResumingWriter(stream)
     writer.meta({"intent": "x"})
     for n, piece in enumerate(pieces):
         if n == die_after:
             return
-        writer.token(piece)
-    writer.done({"reply": "".join(pieces)})
+        writer.token(piece, restart=n == restart_at)
+    writer.done({"reply": "".join(pieces[restart_at or 0:])})
 
 
 def _events(client, stream: ReplyStream) -> list[tuple[str, dict]]:
@@ -120,3 +121,15 @@ def test_a_retry_that_writes_something_else_is_an_error_not_a_garbled_reply(clie
     with pytest.raises(ResumeError):
         _write(shorter, ["Freeze "])  # stops short of what the client already has
     assert [kind for kind, _ in _events(client, shorter)] == ["meta", "token", "token"]
+
+
+@pytest.mark.parametrize("die_after", [1, 2, 3])
+def test_a_second_draft_restarts_the_stream_once_across_a_redelivery(client, die_after):
+    stream = ReplyStream(client, f"r{time.time_ns()}", maxlen=100, ttl_s=60)
+    pieces = ["We charge £9. ", "Freeze ", "your card."]
+    _write(stream, pieces, die_after=die_after, restart_at=1)
+    _write(stream, pieces, restart_at=1)
+    tokens = [d for kind, d in _events(client, stream) if kind == "token"]
+    assert "".join(d["text"] for d in tokens) == "".join(pieces)
+    restarts = [d["text"] for d in tokens if d.get("restart")]
+    assert restarts == ["Freeze "]  # once, on the second draft's first piece, whoever wrote it

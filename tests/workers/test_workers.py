@@ -31,8 +31,26 @@ def test_one_message_through_the_chain_streams_events_in_order(workers, redis_cl
     assert meta["sources"] and {"article_id", "title", "url", "score"} <= set(meta["sources"][0])
     assert {"reply", "grounded", "escalate", "timings_ms", "intent", "confidence"} <= set(done)
     if done["grounded"]:
-        assert "".join(d["text"] for _, k, d in events if k == "token").strip() == done["reply"]
+        assert shown_text(events) == done["reply"]
     assert redis_client.ttl(STREAM_KEY.format(reply_id)) > 0, "reply streams expire"
+
+
+def shown_text(events: list[tuple[str, str, dict]]) -> str:
+    """What a client shows: the token text from the last second-draft restart on."""
+    tokens = [d for _, k, d in events if k == "token"]
+    start = max((i for i, d in enumerate(tokens) if d.get("restart")), default=0)
+    return "".join(d["text"] for d in tokens[start:]).strip()
+
+
+def test_a_second_draft_restarts_the_stream_and_replays_from_the_cache(workers, redis_client):
+    """"I lost my card": the first draft fails the guard, the second passes (tests/pipeline/test_chain.py)."""
+    first = events_of(redis_client, submit_message("I lost my card"))
+    again = events_of(redis_client, submit_message("I lost my card"))
+    done = first[-1][2]
+    assert done["grounded"] and done["cached"] is False and again[-1][2]["cached"] is True
+    assert sum(bool(d.get("restart")) for _, k, d in first if k == "token") == 1
+    assert shown_text(first) == done["reply"] != "".join(d["text"] for _, k, d in first if k == "token").strip()
+    assert [d for _, k, d in first if k == "token"] == [d for _, k, d in again if k == "token"]
 
 
 def test_a_repeated_message_is_served_from_the_cache(workers, redis_client):
@@ -85,7 +103,7 @@ def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, redis_
             assert kinds[0] == "meta" and kinds[-1] == "done", (reply_id, kinds[-1], events[-1][2])
             done = events[-1][2]
             if done["grounded"]:
-                assert "".join(d["text"] for _, k, d in events if k == "token").strip() == done["reply"]
+                assert shown_text(events) == done["reply"]
         assert workers.processes["gen"].poll() is None, "the gen worker died with Redis"
         after = events_of(redis_client, submit_message("How do I freeze my card?", use_cache=False))
         assert after[-1][1] == "done"
@@ -159,7 +177,7 @@ def _stream_together(redis_client, ids: list[str]) -> list[tuple[int, int]]:
         spans.append((tokens[0], tokens[-1]))
         done = events[reply_id][-1][2]
         if done["grounded"]:
-            assert "".join(d["text"] for _, k, d in events[reply_id] if k == "token").strip() == done["reply"]
+            assert shown_text(events[reply_id]) == done["reply"]
     return spans
 
 
