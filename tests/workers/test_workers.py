@@ -43,9 +43,10 @@ def shown_text(events: list[tuple[str, str, dict]]) -> str:
 
 
 def test_a_second_draft_restarts_the_stream_and_replays_from_the_cache(workers, redis_client):
-    """"I lost my card": the first draft fails the guard, the second passes (tests/pipeline/test_chain.py)."""
-    first = events_of(redis_client, submit_message("I lost my card"))
-    again = events_of(redis_client, submit_message("I lost my card"))
+    """The first draft fails the guard, the second passes (as "I lost my card" in tests/pipeline/test_chain.py).
+    A wording no other test sends, so the first is not in the cache already."""
+    first = events_of(redis_client, submit_message("I've lost my card"))
+    again = events_of(redis_client, submit_message("I've lost my card"))
     done = first[-1][2]
     assert done["grounded"] and done["cached"] is False and again[-1][2]["cached"] is True
     assert sum(bool(d.get("restart")) for _, k, d in first if k == "token") == 1
