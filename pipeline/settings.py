@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     batch_chunk_size: int = 32
     # A task a dead worker had taken is handed to another after this long (acks_late).
     visibility_timeout_s: int = 300
+    # A gen worker renews a lease on each reply it writes; a reply whose lease lapses before it
+    # ends (its worker died) is queued again by another gen worker within seconds, and goes on
+    # where it stopped, rather than waiting out visibility_timeout_s.
+    reply_lease_s: float = Field(default=15.0, ge=2.0)
 
     # HTTP API (services/api.py)
     api_host: str = "127.0.0.1"

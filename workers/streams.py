@@ -24,6 +24,18 @@ from pipeline.errors import TandemError
 
 STREAM_KEY = "tandem:reply:{}"
 TERMINAL = {"done", "error"}
+WRITING = "tandem:replies:writing"  # ids of the replies workers have begun and not finished
+# An XADD that only the reply's latest writer may make (ReplyStream.claim); nil for any other.
+# A Redis that lost its data (restarted without persistence) has no writer: the first to
+# write claims the reply again rather than every writer stopping.
+_FENCED_XADD = """
+local writer = redis.call('get', KEYS[2])
+if writer and writer ~= ARGV[1] then return false end
+local id = redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3], 'data', ARGV[4])
+redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[5])
+redis.call('expire', KEYS[1], ARGV[5])
+return id
+"""
 _RETRY_CAP_S = 2.0  # the longest wait between two reconnection attempts
 
 
@@ -41,6 +53,12 @@ def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
+class Superseded(Exception):
+    """Another worker has taken this reply over: the one that raised this must stop writing it.
+
+    Not a TandemError: the reply has not failed, so no error event may be written for it."""
+
+
 class ReplyStream:
     """The writing end of one reply's stream."""
 
@@ -49,11 +67,27 @@ class ReplyStream:
         self.key = STREAM_KEY.format(reply_id)
         self.maxlen = maxlen
         self.ttl_s = ttl_s
+        self.writer: int | None = None  # set by claim
+
+    def claim(self) -> None:
+        """Become the reply's only writer: any writer that claimed it before can no longer
+        publish (Superseded), so a worker taken for dead that wakes up again cannot interleave
+        its text with its successor's."""
+        pipe = self.client.pipeline()
+        pipe.incr(f"{self.key}:writer")
+        pipe.expire(f"{self.key}:writer", self.ttl_s)
+        self.writer = pipe.execute()[0]
 
     def publish(self, event: str, data: dict | str) -> str:
+        payload = json.dumps(data, ensure_ascii=False)
+        if self.writer is not None:
+            event_id = self.client.register_script(_FENCED_XADD)(
+                keys=[self.key, f"{self.key}:writer"], args=[self.writer, self.maxlen, event, payload, self.ttl_s])
+            if event_id is None:
+                raise Superseded(f"{self.key} has a newer writer")
+            return event_id
         pipe = self.client.pipeline()
-        pipe.xadd(self.key, {"event": event, "data": json.dumps(data, ensure_ascii=False)}, maxlen=self.maxlen,
-                  approximate=True)
+        pipe.xadd(self.key, {"event": event, "data": payload}, maxlen=self.maxlen, approximate=True)
         pipe.expire(self.key, self.ttl_s)
         return pipe.execute()[0]
 
@@ -119,6 +153,62 @@ class ResumingWriter:
 
 
 _DIVERGED = "the worker writing this reply stopped, and its retry wrote a different reply; ask again"
+
+
+class ReplyLeases:
+    """Which replies live workers are writing, so that one whose worker died is handed to
+    another within seconds rather than when the broker's visibility timeout (minutes) would
+    redeliver its task.
+
+    A worker holds a lease on each reply it writes, keeps the task's arguments beside it and
+    renews the lease while it works. A reply whose lease lapsed before its stream ended is an
+    orphan; ``orphans`` hands each one to a single caller, which queues its task again."""
+
+    def __init__(self, client: redis.Redis, lease_s: float, ttl_s: int, takeover_s: float):
+        self.client = client
+        self.lease_ms = int(lease_s * 1000)
+        self.ttl_s = ttl_s
+        # A handed-over task waits in the queue this long before it may be handed over again.
+        self.takeover_ms = int(takeover_s * 1000)
+
+    @staticmethod
+    def _key(reply_id: str, part: str) -> str:
+        return f"{STREAM_KEY.format(reply_id)}:{part}"
+
+    def hold(self, tasks: dict[str, dict]) -> None:
+        """Take or renew the lease on each reply id of ``tasks``, whose values are the keyword
+        arguments that write that reply again. Renewing writes everything again, so a Redis
+        that lost its data meanwhile knows these replies once more."""
+        if not tasks:
+            return
+        pipe = self.client.pipeline()
+        for reply_id, task in tasks.items():
+            pipe.set(self._key(reply_id, "task"), json.dumps(task, ensure_ascii=False), ex=self.ttl_s)
+            pipe.set(self._key(reply_id, "lease"), 1, px=self.lease_ms)
+            pipe.delete(self._key(reply_id, "takeover"))
+            pipe.sadd(WRITING, reply_id)
+        pipe.execute()
+
+    def release(self, reply_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.srem(WRITING, reply_id)
+        pipe.delete(self._key(reply_id, "lease"), self._key(reply_id, "task"), self._key(reply_id, "takeover"))
+        pipe.execute()
+
+    def orphans(self, skip: set[str] = frozenset()) -> list[tuple[str, dict]]:
+        """Replies whose writer stopped renewing before the end, each with its task's arguments,
+        each handed to one caller only; ``skip``: the replies the caller is writing itself."""
+        found = []
+        for reply_id in sorted(self.client.smembers(WRITING) - set(skip)):
+            if self.client.exists(self._key(reply_id, "lease")):
+                continue
+            task = self.client.get(self._key(reply_id, "task"))
+            if task is None or ReplyStream(self.client, reply_id).finished():
+                self.release(reply_id)  # ended (or expired) without saying so
+                continue
+            if self.client.set(self._key(reply_id, "takeover"), 1, nx=True, px=self.takeover_ms):
+                found.append((reply_id, json.loads(task)))
+        return found
 
 
 def stream_reply(client: redis.Redis, reply_id: str, last_id: str | None = None, block_ms: int = 2000,

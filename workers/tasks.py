@@ -6,6 +6,7 @@ Tasks take and return small JSON: texts, ids, intents, passages; never tensors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,11 +24,21 @@ from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding, cle
 from pipeline.errors import TandemError
 from pipeline.settings import Settings
 from workers.app import app
-from workers.streams import ConversationMemory, ReplyCache, ReplyStream, ResumingWriter, connect
+from workers.streams import (
+    ConversationMemory,
+    ReplyCache,
+    ReplyLeases,
+    ReplyStream,
+    ResumingWriter,
+    Superseded,
+    connect,
+)
 
 log = logging.getLogger(__name__)
 _pipeline: HybridPipeline | None = None
 _lock = threading.Lock()
+_writing: dict[str, dict] = {}  # the replies this process is writing (id -> task arguments), whose leases it renews
+_writing_lock = threading.Lock()
 
 
 def get_pipeline(with_responder: bool = True) -> HybridPipeline:
@@ -50,6 +61,8 @@ def load_models(**_) -> None:
         torch.set_num_threads(_settings().encoder_threads)
     pipeline = get_pipeline(with_responder="gen" in queues)
     threading.Thread(target=_heartbeat, args=(queues, pipeline.index.version), daemon=True).start()
+    if "gen" in queues:
+        threading.Thread(target=_watch_replies, daemon=True).start()
 
 
 def _heartbeat(queues: list[str], index_version: str) -> None:
@@ -63,6 +76,28 @@ def _heartbeat(queues: list[str], index_version: str) -> None:
         except Exception as exc:  # Redis away: /readyz will say so; keep trying
             log.warning("heartbeat failed: %s", exc)
         time.sleep(10)
+
+
+def _watch_replies() -> None:
+    """Renew the leases of the replies this process writes, and queue again those whose
+    worker died (ReplyLeases): their streams go on where they stopped."""
+    while True:
+        try:
+            with _writing_lock:
+                mine = dict(_writing)
+            leases = _leases()
+            leases.hold(mine)
+            for reply_id, task in leases.orphans(skip=set(mine)):
+                log.warning("reply %s lost its worker; queueing it again", reply_id)
+                respond.apply_async(kwargs=task)
+        except Exception as exc:  # Redis away: the leases lapse, and whoever is up takes over
+            log.warning("reply leases not renewed: %s", exc)
+        time.sleep(_settings().reply_lease_s / 3)
+
+
+def _leases() -> ReplyLeases:
+    settings = _settings()
+    return ReplyLeases(_redis(), settings.reply_lease_s, settings.reply_stream_ttl_s, settings.visibility_timeout_s)
 
 
 @functools.cache
@@ -120,6 +155,38 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
     stream = ReplyStream(client, reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
     if stream.finished():  # redelivered after a worker died past the end: the client already has it
         return {"reply_id": reply_id, "redelivered": True}
+    task = {"understanding": understanding, "reply_id": reply_id, "session_id": session_id, "use_cache": use_cache,
+            "history": history, "limits": limits}
+    leases = _leases()
+    leases.hold({reply_id: task})
+    with _writing_lock:
+        _writing[reply_id] = task
+    try:
+        stream.claim()  # before ResumingWriter reads what is already written: no one else adds to it now
+        result = _write_reply(stream, understanding, reply_id, session_id, use_cache, history, limits)
+    except Superseded:  # taken for dead and handed to another worker, which writes the rest
+        log.warning("reply %s was handed to another worker; this one stops", reply_id)
+        return {"reply_id": reply_id, "superseded": True}
+    except Exception:
+        # Not one of the pipeline's own errors, which end the stream in _write_reply. End it
+        # here: a task queued again after a takeover has no errback to, and with its lease
+        # left to lapse it would be queued again and again.
+        with contextlib.suppress(Exception):
+            if not stream.finished():
+                stream.publish("error", {"message": "the request failed in a worker; try again"})
+        leases.release(reply_id)
+        raise
+    finally:
+        with _writing_lock:
+            _writing.pop(reply_id, None)
+    leases.release(reply_id)
+    return result
+
+
+def _write_reply(stream: ReplyStream, understanding: dict, reply_id: str, session_id: str | None, use_cache: bool,
+                 history: list[dict] | None, limits: dict | None) -> dict:
+    settings = _settings()
+    client = stream.client
     pipeline = get_pipeline()
     u = Understanding.from_dict(understanding)
     memory = ConversationMemory(client, settings.memory_turns, settings.memory_ttl_s)
@@ -145,14 +212,16 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         else:
             tokens: list[dict] = []
             result = {}
-            for event in pipeline.respond(u, history, generation):
-                if isinstance(event, Meta):
-                    writer.meta(_meta(u, cached=False))
-                elif isinstance(event, Token):
-                    tokens.append({"text": event.text, "restart": True} if event.restart else {"text": event.text})
-                    writer.token(event.text, event.restart)
-                elif isinstance(event, Done):
-                    result = {**event.result.to_dict(), "cached": False}
+            # Closed at once if a writer that has been superseded stops: that frees its decode slot.
+            with contextlib.closing(pipeline.respond(u, history, generation)) as events:
+                for event in events:
+                    if isinstance(event, Meta):
+                        writer.meta(_meta(u, cached=False))
+                    elif isinstance(event, Token):
+                        tokens.append({"text": event.text, "restart": True} if event.restart else {"text": event.text})
+                        writer.token(event.text, event.restart)
+                    elif isinstance(event, Done):
+                        result = {**event.result.to_dict(), "cached": False}
             if use_cache and not history:
                 cache.put(key, {"tokens": tokens, "result": result})
         result["reply_id"] = reply_id

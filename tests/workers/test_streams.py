@@ -11,9 +11,11 @@ import pytest
 from workers.streams import (
     ConversationMemory,
     ReplyCache,
+    ReplyLeases,
     ReplyStream,
     ResumeError,
     ResumingWriter,
+    Superseded,
     normalise_message,
     stream_reply,
 )
@@ -133,3 +135,55 @@ def test_a_second_draft_restarts_the_stream_once_across_a_redelivery(client, die
     assert "".join(d["text"] for d in tokens) == "".join(pieces)
     restarts = [d["text"] for d in tokens if d.get("restart")]
     assert restarts == ["Freeze "]  # once, on the second draft's first piece, whoever wrote it
+
+
+def test_a_writer_that_was_superseded_cannot_add_to_the_stream(client):
+    """A worker taken for dead that wakes up again must not interleave its text with the
+    text of the worker that took its reply over."""
+    reply_id = f"fence{time.time_ns()}"
+    first = ReplyStream(client, reply_id, ttl_s=60)
+    first.claim()
+    first.publish("meta", {})
+    first.publish("token", {"text": "Open "})
+    second = ReplyStream(client, reply_id, ttl_s=60)
+    second.claim()
+    writer = ResumingWriter(second)
+    with pytest.raises(Superseded):
+        first.publish("token", {"text": "the"})
+    writer.meta({})
+    writer.token("Open ")
+    writer.token("the app.")
+    writer.done({"reply": "Open the app."})
+    with pytest.raises(Superseded):
+        first.publish("done", {})
+    events = list(stream_reply(client, reply_id, timeout_s=5))
+    assert [kind for _, kind, _ in events] == ["meta", "token", "token", "done"]
+    assert "".join(d["text"] for _, k, d in events if k == "token") == "Open the app."
+    assert 0 < client.ttl(f"tandem:reply:{reply_id}:writer") <= 60
+    # A Redis that lost its data has no writer: the current one goes on writing rather than stopping.
+    client.delete(f"tandem:reply:{reply_id}:writer")
+    second.publish("token", {"text": " More."})
+    assert client.get(f"tandem:reply:{reply_id}:writer") == str(second.writer)
+
+
+def test_a_reply_whose_lease_lapses_is_handed_over_once_and_one_that_ended_is_dropped(client):
+    leases = ReplyLeases(client, lease_s=0.3, ttl_s=60, takeover_s=60)
+    alive, dead, ended = (f"{name}{time.time_ns()}" for name in ("alive", "dead", "ended"))
+    leases.hold({reply_id: {"reply_id": reply_id, "understanding": {"message": "hi"}} for reply_id in (alive, dead, ended)})
+    ReplyStream(client, dead, ttl_s=60).publish("meta", {})
+    ReplyStream(client, ended, ttl_s=60).publish("done", {})
+    assert leases.orphans() == []  # every lease is fresh
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        leases.hold({alive: {"reply_id": alive, "understanding": {"message": "hi"}}})
+        time.sleep(0.05)
+    orphans = leases.orphans()
+    assert [reply_id for reply_id, _ in orphans] == [dead]
+    assert orphans[0][1] == {"reply_id": dead, "understanding": {"message": "hi"}}
+    assert leases.orphans() == [], "handed over once: the takeover waits for the task it queued"
+    assert client.sismember("tandem:replies:writing", alive) and not client.sismember("tandem:replies:writing", ended)
+    leases.hold({dead: orphans[0][1]})  # the task queued again starts
+    assert leases.orphans(skip={alive}) == []
+    for reply_id in (alive, dead):
+        leases.release(reply_id)
+    assert not client.smembers("tandem:replies:writing") & {alive, dead, ended}

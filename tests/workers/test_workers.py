@@ -116,7 +116,33 @@ def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, redis_
 def test_gen_worker_killed_mid_reply_resumes_the_stream_without_repeating_it(workers, redis_client):
     """kill -9 on the gen worker after three tokens: the task comes back to a new worker, which
     writes only the rest, so the client reads one meta and the same text as an unbroken reply."""
-    message = "How do I activate my card?"
+    events, unbroken, _ = kill_gen_mid_reply(workers, redis_client, "How do I activate my card?")
+    assert events[-1][2]["reply"] == unbroken[-1][2]["reply"]
+
+
+def test_a_reply_whose_worker_died_is_taken_over_long_before_the_visibility_timeout(workers, redis_client):
+    """With the default five-minute visibility timeout Celery would hand the killed worker's task
+    to another only after five minutes, far past the API's two-minute wait. The reply's lapsed
+    lease has the next gen worker queue it again at once: the stream goes on where it stopped."""
+    slow_redelivery = {"TANDEM_VISIBILITY_TIMEOUT_S": "300", "TANDEM_REPLY_LEASE_S": "3"}
+    for queue in ("nlu", "gen"):  # any consumer restores unacknowledged tasks: all must wait 300 s
+        workers.kill(queue)
+        workers.start(queue, env=slow_redelivery)
+    try:
+        events, _, seconds = kill_gen_mid_reply(workers, redis_client, "How do I change my PIN?", env=slow_redelivery)
+        assert seconds < 200, "resumed by the visibility timeout, not the lease"
+        assert not redis_client.sismember("tandem:replies:writing", events[-1][2]["reply_id"])
+    finally:
+        for queue in ("nlu", "gen"):  # the session's workers, for the tests after this one
+            if queue in workers.processes:
+                workers.kill(queue)
+            workers.start(queue)
+
+
+def kill_gen_mid_reply(workers, redis_client, message: str, env: dict[str, str] | None = None):
+    """kill -9 on the gen worker after the reply's third token, then start another (with ``env``).
+    Checks the reply ends once, resumed, with the text of an unbroken one; returns its events,
+    the unbroken reply's, and the seconds from the kill to the end of the stream."""
     reply_id = submit_message(message, use_cache=False)
     tokens = 0
     for _, kind, _ in stream_reply(redis_client, reply_id, timeout_s=120):
@@ -124,16 +150,18 @@ def test_gen_worker_killed_mid_reply_resumes_the_stream_without_repeating_it(wor
         if tokens == 3:
             break
     workers.kill("gen")
+    killed_at = time.monotonic()
     assert redis_client.xrevrange(STREAM_KEY.format(reply_id), count=1)[0][1]["event"] == "token", "killed mid-reply"
-    workers.start("gen")
+    workers.start("gen", env=env)
     events = events_of(redis_client, reply_id)
+    seconds = time.monotonic() - killed_at
     kinds = [kind for _, kind, _ in events]
     assert kinds.count("meta") == 1 and kinds[-1] == "done", kinds
     assert events[-1][2].get("resumed") is True
     unbroken = events_of(redis_client, submit_message(message, use_cache=False))
     assert "".join(d["text"] for _, k, d in events if k == "token") == \
         "".join(d["text"] for _, k, d in unbroken if k == "token")
-    assert events[-1][2]["reply"] == unbroken[-1][2]["reply"]
+    return events, unbroken, seconds
 
 
 def test_a_message_sent_while_redis_restarts_is_queued_when_it_returns(workers, redis_client, redis_server):
