@@ -196,8 +196,12 @@ def test_the_bundled_model_gives_the_same_reply_with_and_without_stopping_early(
     late = list(pipeline.respond(understanding))
     assert early[-1].result.reply == late[-1].result.reply
     assert early[-1].result.grounded == late[-1].result.grounded
-    first_drafts = [first_draft([e for e in run if isinstance(e, Token)]) for run in (early, late)]
-    assert all(first_drafts) and len(first_drafts[0]) < len(first_drafts[1])  # the rejected draft was cut short
+    early_draft, late_draft = (first_draft([e for e in run if isinstance(e, Token)]) for run in (early, late))
+    # Stopped early, the rejected draft streams no more than its beginning. How much shorter it
+    # is depends on where the model's draft fails: the Q8_0 copy's failed in its first sentence
+    # (cut short), the BF16 copy's in its last (nothing left to cut); the cut itself is tested
+    # on a fixed draft above.
+    assert early_draft and late_draft and late_draft.startswith(early_draft)
 
 
 def first_draft(tokens: list[Token]) -> str | None:
