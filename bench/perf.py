@@ -165,6 +165,7 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
                     first_token.append((time.perf_counter() - t0) * 1000)
 
     _only_system_prompt_cached(engine, prompts[0][0])
+    prompt_tokens = sum(len(engine.tokenize_chat(prompt)) for prompt in prompts)
     before, reused = engine.tokens_generated, engine.prefix_tokens_reused
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -176,7 +177,9 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
     tokens = engine.tokens_generated - before
     return {"streams": concurrency, "replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1),
-            "prompt_tokens_reused": engine.prefix_tokens_reused - reused}
+            "prompt_tokens_reused": engine.prefix_tokens_reused - reused,
+            # what the run's forward passes computed besides the reply: every prompt token not reused
+            "prompt_tokens_computed": prompt_tokens - (engine.prefix_tokens_reused - reused)}
 
 
 def _only_system_prompt_cached(engine, system: dict) -> None:
@@ -586,6 +589,16 @@ def bench_hardware(args) -> None:
                                 "weight_traffic_gb_s": round(per_token * row["tokens_per_s"] / 1e9, 2),
                                 "of_bandwidth": round(per_token * row["tokens_per_s"] / bandwidth, 3),
                                 "gflops": round(flops / 1e9, 1), "of_gemm_peak": round(flops / gemm_flops, 3)})
+    # Every token a forward pass computes, the prompt's and the reply's, costs the same dense
+    # FLOPs: against the compute ceiling this tells how far batching could still go.
+    computed_rows = {}
+    for name, workload in (decode or {}).get("workloads", {}).items():
+        computed_rows[name] = [
+            {"streams": row["streams"], "tokens_per_s": row["tokens_per_s"],
+             "computed_tokens_per_s": round((row["tokens"] + row["prompt_tokens_computed"]) / row["seconds"], 1),
+             "of_ceiling": round((row["tokens"] + row["prompt_tokens_computed"]) / row["seconds"]
+                                 / (gemm_flops / (2 * decoder_params)), 3)}
+            for row in workload["rows"] if "prompt_tokens_computed" in row]
     save("hardware", {
         "simd": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f),
         "torch_threads": torch.get_num_threads(),
@@ -595,6 +608,7 @@ def bench_hardware(args) -> None:
                     "mean_tokens": round(mean_len, 1)},
         "decode": {"weights": served.name, "model_bytes_mb": round(model_bytes / 2**20, 1), "params": decoder_params,
                    # tokens/s if every FLOP ran at the GEMM peak: the compute ceiling of any batching
-                   "compute_ceiling_tokens_per_s": round(gemm_flops / (2 * decoder_params)), "rows": decode_rows},
+                   "compute_ceiling_tokens_per_s": round(gemm_flops / (2 * decoder_params)), "rows": decode_rows,
+                   "computed": {name: rows for name, rows in computed_rows.items() if rows}},
         "machine_note": machine()["cpu"],
     })

@@ -239,6 +239,8 @@ def performance() -> list[str]:
             for row in d["rows"]:
                 out.append(f"| {row['streams']} | {row['tokens_per_s']} | {row['gflops']} | {pct(row['of_gemm_peak'])} "
                            f"| {row['weight_bytes_per_token_mb']} MB | {pct(row['of_bandwidth'])} |")
+        if hardware["decode"].get("computed"):
+            out.extend(computed_table(hardware["decode"]))
         out.append("")
     peft = load("peft")
     if peft:
@@ -266,6 +268,33 @@ def _served_copy(weights: str) -> str | None:
     """"BF16 copy" or "Q8_0 copy" for the file name of a copy of the GGUF (weights_copy names it
     ``*.{kind}.gguf``), None for the file itself."""
     return next((name for kind, name in _COPIES.items() if weights.endswith(f".{kind}.gguf")), None)
+
+
+def computed_table(d: dict) -> list[str]:
+    """Tokens computed per second, the prompts' and the replies', against the compute ceiling:
+    the gain left to batching, and what 3x one stream's generated tokens/s would take."""
+    ceiling = d["compute_ceiling_tokens_per_s"]
+    out = ["\nEvery token a forward pass computes costs the same dense FLOPs, a prompt's as a reply's "
+           "(**Decode throughput**'s runs, prompt tokens reused from the prefix cache not counted):\n",
+           "| workload | decode streams | generated tokens/s | tokens computed/s (prompt + reply) | of the compute ceiling |"
+           "\n|---|---|---|---|---|"]
+    for name, rows in d["computed"].items():
+        for row in rows:
+            out.append(f"| {name} | {row['streams']} | {row['tokens_per_s']} | {row['computed_tokens_per_s']} "
+                       f"| {pct(row['of_ceiling'])} |")
+    needs = []
+    for name, rows in d["computed"].items():
+        single, most = rows[0], rows[-1]
+        if most["streams"] > 1:
+            # at the widest batch's mix of prompt and reply tokens
+            per_generated = most["computed_tokens_per_s"] / most["tokens_per_s"]
+            needs.append(f"{name} {3 * single['tokens_per_s'] * per_generated:,.0f} "
+                         f"({3 * single['tokens_per_s'] * per_generated / ceiling:.2f}× the ceiling)")
+    if needs:
+        out.append(f"\nThree times one stream's generated tokens/s, at the {rows[-1]['streams']}-stream runs' tokens computed per "
+                   f"token generated, would take this many tokens computed/s against a ceiling of {ceiling:,}: "
+                   + "; ".join(needs) + ".")
+    return out
 
 
 def decode_table(decode: dict) -> list[str]:

@@ -40,3 +40,14 @@ def test_the_decode_block_gives_the_prefix_cache_against_none():
                                           "prompt_tokens_reused": 0}, "on_over_off": 1.5}}
     text = "\n".join(decode_table(decode))
     assert "short 16 streams 1.50× tokens/s, first token p50 200 ms against 500 ms (5,000 prompt tokens reused)" in text
+
+
+def test_the_hardware_block_weighs_prompt_and_reply_tokens_against_the_compute_ceiling():
+    from bench.report import computed_table
+
+    rows = [{"streams": 1, "tokens_per_s": 65.0, "computed_tokens_per_s": 309.0, "of_ceiling": 0.403},
+            {"streams": 16, "tokens_per_s": 160.0, "computed_tokens_per_s": 760.0, "of_ceiling": 0.991}]
+    text = "\n".join(computed_table({"compute_ceiling_tokens_per_s": 767, "computed": {"grounded": rows}}))
+    assert "| grounded | 16 | 160.0 | 760.0 | 99.1% |" in text
+    # 3 x 65 generated tokens/s at 760 / 160 computed per generated: 926, 1.21x the ceiling
+    assert "grounded 926 (1.21× the ceiling)" in text and "ceiling of 767" in text
