@@ -42,12 +42,13 @@ def test_the_decode_block_gives_the_prefix_cache_against_none():
     assert "short 16 streams 1.50× tokens/s, first token p50 200 ms against 500 ms (5,000 prompt tokens reused)" in text
 
 
-def test_the_hardware_block_weighs_prompt_and_reply_tokens_against_the_compute_ceiling():
+def test_the_hardware_block_weighs_prompt_and_reply_tokens_against_the_prompts_alone_rate():
     from bench.report import computed_table
 
-    rows = [{"streams": 1, "tokens_per_s": 65.0, "computed_tokens_per_s": 309.0, "of_ceiling": 0.403},
-            {"streams": 16, "tokens_per_s": 160.0, "computed_tokens_per_s": 760.0, "of_ceiling": 0.991}]
-    text = "\n".join(computed_table({"compute_ceiling_tokens_per_s": 767, "computed": {"grounded": rows}}))
-    assert "| grounded | 16 | 160.0 | 760.0 | 99.1% |" in text
-    # 3 x 65 generated tokens/s at 760 / 160 computed per generated: 926, 1.21x the ceiling
-    assert "grounded 926 (1.21× the ceiling)" in text and "ceiling of 767" in text
+    rows = [{"streams": 1, "tokens_per_s": 32.0, "computed_tokens_per_s": 158.0, "of_prefill_rate": 0.35},
+            {"streams": 16, "tokens_per_s": 80.0, "computed_tokens_per_s": 400.0, "of_prefill_rate": 0.889}]
+    text = "\n".join(computed_table({"computed": {"grounded": {"prefill_only_tokens_per_s": 450.0, "rows": rows}}}))
+    assert "| grounded | prompts alone | | 450.0 | 100% |" in text
+    assert "| grounded | 16 | 80.0 | 400.0 | 88.9% |" in text
+    # 3 x 32 generated tokens/s at 400 / 80 computed per generated: 480, 1.07x the prompts-alone rate
+    assert "grounded 480 tokens computed/s, 1.07× the prompts-alone rate" in text
