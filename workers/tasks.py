@@ -169,8 +169,8 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         return {"reply_id": reply_id, "superseded": True}
     except Exception:
         # Not one of the pipeline's own errors, which end the stream in _write_reply. End it
-        # here: a task queued again after a takeover has no errback to, and with its lease
-        # left to lapse it would be queued again and again.
+        # here, since a task queued again after a takeover has no errback to do so, and release
+        # the lease: left to lapse, it would have the task queued again and again.
         with contextlib.suppress(Exception):
             if not stream.finished():
                 stream.publish("error", {"message": "the request failed in a worker; try again"})
