@@ -330,7 +330,7 @@ def api(
 @friendly
 def up() -> None:
     """Start everything on this machine: an embedded Redis (unless TANDEM_REDIS_URL is set), a
-    worker per queue and the HTTP API. Ctrl-C stops them all."""
+    worker per queue and the HTTP API; one that dies is started again. Ctrl-C stops them all."""
     import signal
     import subprocess
     import time
@@ -350,7 +350,11 @@ def up() -> None:
     # Leave the encoder a core unless the operator chose.
     gen_env = {**env, "TANDEM_RESPONDER_THREADS": env.get("TANDEM_RESPONDER_THREADS") or str(max(1, (os.cpu_count() or 2) - 1))}
     commands = [(["worker", "--queues", "nlu"], env), (["worker", "--queues", "gen"], gen_env), (["api"], env)]
-    children = [subprocess.Popen([sys.executable, "-m", "services.cli", *command], env=e) for command, e in commands]
+
+    def start(command: list[str], environment: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", *command], env=environment)
+
+    children = [start(command, e) for command, e in commands]
     err.print(f"workers and API started (pids {', '.join(str(c.pid) for c in children)}); "
               f"chat page on http://{settings.api_host}:{settings.api_port}/ ; Ctrl-C to stop")
     stopping = False
@@ -363,9 +367,25 @@ def up() -> None:
     # ignoring it, so `tandem up &` would not stop on `kill -INT` (seen in a scripted CI run).
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # A child that dies is started again, as a container's restart policy would: a gen worker
+    # killed mid-reply comes back and finishes the reply where its stream stopped (the reply's
+    # lease, workers.streams.ReplyLeases). One that dies again and again gives up the whole.
+    restarts: dict[int, list[float]] = {}
+    given_up: tuple[str, int] | None = None
     try:
-        while not stopping and all(c.poll() is None for c in children):
+        while not stopping and given_up is None:
             time.sleep(0.5)
+            for i, child in enumerate(children):
+                if stopping or child.poll() is None:
+                    continue
+                name = " ".join(commands[i][0])
+                recent = [t for t in restarts.get(i, []) if time.monotonic() - t < _RESTART_WINDOW_S]
+                if len(recent) >= _RESTARTS_PER_WINDOW:
+                    given_up = (name, child.returncode)
+                    break
+                err.print(f"`tandem {name}` exited with status {child.returncode}; starting it again")
+                children[i] = start(*commands[i])
+                restarts[i] = [*recent, time.monotonic()]
     finally:
         for child in children:
             if child.poll() is None:
@@ -378,9 +398,13 @@ def up() -> None:
         if server:
             server.stop()
         err.print("stopped")
-    failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
-    if failed and not stopping:
-        raise TandemError(f"a worker exited with status {failed[0].returncode}")
+    if given_up:
+        raise TandemError(f"`tandem {given_up[0]}` exited {_RESTARTS_PER_WINDOW + 1} times within "
+                          f"{_RESTART_WINDOW_S} s (last status {given_up[1]}); see its output above")
+
+
+_RESTARTS_PER_WINDOW = 3  # `tandem up` starts a child that died again at most this often a minute
+_RESTART_WINDOW_S = 60
 
 
 def main() -> None:

@@ -52,9 +52,21 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
             {"role": "user", "content": "How much does express delivery cost?"}]))
         assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
         assert chunks[-1].choices[0].finish_reason == "stop"
+
+        # kill -9 on the gen worker: `tandem up` starts it again, and the API answers as before.
+        import psutil
+
+        gen = next(c for c in psutil.Process(up.pid).children() if "gen" in c.cmdline())
+        gen.kill()
+        gen.wait(10)
+        again = openai.chat.completions.create(model="tandem", messages=[{"role": "user", "content": "I lost my card"}])
+        assert again.model_extra["tandem"]["intent"] == "lost_or_stolen_card"
+        assert again.choices[0].message.content.strip()
+        assert any("gen" in c.cmdline() for c in psutil.Process(up.pid).children())
     finally:
         up.send_signal(signal.SIGINT)
         output = up.communicate(timeout=90)[0].decode()
+    assert "`tandem worker --queues gen` exited with status -9; starting it again" in output, output[-2000:]
     assert "stopped" in output, output[-2000:]
     assert up.returncode == 0, output[-2000:]
     time.sleep(0.5)
