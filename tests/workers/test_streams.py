@@ -166,7 +166,16 @@ def test_a_writer_that_was_superseded_cannot_add_to_the_stream(client):
     assert client.get(f"tandem:reply:{reply_id}:writer") == str(second.writer)
 
 
-def test_a_reply_whose_lease_lapses_is_handed_over_once_and_one_that_ended_is_dropped(client):
+@pytest.fixture
+def unwatched_client(redis_server):
+    """A database no gen worker watches: the workers other tests start take lapsed leases over themselves."""
+    from workers.streams import connect
+
+    return connect(f"redis://127.0.0.1:{redis_server.port}/7")
+
+
+def test_a_reply_whose_lease_lapses_is_handed_over_once_and_one_that_ended_is_dropped(unwatched_client):
+    client = unwatched_client
     leases = ReplyLeases(client, lease_s=0.3, ttl_s=60, takeover_s=60)
     alive, dead, ended = (f"{name}{time.time_ns()}" for name in ("alive", "dead", "ended"))
     leases.hold({reply_id: {"reply_id": reply_id, "understanding": {"message": "hi"}} for reply_id in (alive, dead, ended)})
