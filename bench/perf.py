@@ -182,6 +182,11 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
             "prompt_tokens_computed": prompt_tokens - (engine.prefix_tokens_reused - reused)}
 
 
+def _computed_per_s(run: dict) -> float:
+    """Tokens an ``_engine_run`` computed per second: the prompt tokens it did not reuse, and the reply tokens."""
+    return round((run["tokens"] + run["prompt_tokens_computed"]) / run["seconds"], 1)
+
+
 def _only_system_prompt_cached(engine, system: dict) -> None:
     """Forget cached prompt beginnings but the system prompt's, as on a server that has been
     running: a run's prompts then share only what they share with each other."""
@@ -264,8 +269,7 @@ def bench_decode(args) -> None:
         # The most tokens the batcher computes per second on this machine: prompts alone, in
         # batches as wide as prefill makes them. No mix of prompts and replies computes faster.
         prefill = _engine_run(engine, _replies(prompts, max(args.levels), args), max(args.levels), 1)
-        results[name]["prefill_only"] = {**prefill, "computed_tokens_per_s": round(
-            (prefill["tokens"] + prefill["prompt_tokens_computed"]) / prefill["seconds"], 1)}
+        results[name]["prefill_only"] = {**prefill, "computed_tokens_per_s": _computed_per_s(prefill)}
         print(name, "prefill only", results[name]["prefill_only"], flush=True)
         results[name]["prefix_cache"] = _prefix_cache_ab(engine, prompts, args)
         if others:
@@ -606,8 +610,7 @@ def bench_hardware(args) -> None:
         rate = workload["prefill_only"]["computed_tokens_per_s"]
         computed[name] = {"prefill_only_tokens_per_s": rate, "rows": [
             {"streams": row["streams"], "tokens_per_s": row["tokens_per_s"],
-             "computed_tokens_per_s": round((row["tokens"] + row["prompt_tokens_computed"]) / row["seconds"], 1),
-             "of_prefill_rate": round((row["tokens"] + row["prompt_tokens_computed"]) / row["seconds"] / rate, 3)}
+             "computed_tokens_per_s": _computed_per_s(row), "of_prefill_rate": round(_computed_per_s(row) / rate, 3)}
             for row in workload["rows"]]}
     save("hardware", {
         "simd": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f),

@@ -68,6 +68,7 @@ class ReplyStream:
         self.maxlen = maxlen
         self.ttl_s = ttl_s
         self.writer: int | None = None  # set by claim
+        self._fenced_xadd = None  # the script a claimed writer publishes through, made once by claim
 
     def claim(self) -> None:
         """Become the reply's only writer: any writer that claimed it before can no longer
@@ -77,11 +78,12 @@ class ReplyStream:
         pipe.incr(f"{self.key}:writer")
         pipe.expire(f"{self.key}:writer", self.ttl_s)
         self.writer = pipe.execute()[0]
+        self._fenced_xadd = self.client.register_script(_FENCED_XADD)
 
     def publish(self, event: str, data: dict | str) -> str:
         payload = json.dumps(data, ensure_ascii=False)
-        if self.writer is not None:
-            event_id = self.client.register_script(_FENCED_XADD)(
+        if self._fenced_xadd is not None:
+            event_id = self._fenced_xadd(
                 keys=[self.key, f"{self.key}:writer"], args=[self.writer, self.maxlen, event, payload, self.ttl_s])
             if event_id is None:
                 raise Superseded(f"{self.key} has a newer writer")
