@@ -155,6 +155,7 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_JOB_LEASE_S", "1", "TANDEM_JOB_LEASE_S: Input should be greater than or equal to 2"),
     ("TANDEM_JOB_LEASE_S", "soon", "TANDEM_JOB_LEASE_S: Input should be a valid number"),
     ("TANDEM_REPLY_LEASE_S", "0.5", "TANDEM_REPLY_LEASE_S: Input should be greater than or equal to 2"),
+    ("TANDEM_REPLY_LEASE_S", "a while", "TANDEM_REPLY_LEASE_S: Input should be a valid number"),
     ("TANDEM_REPEAT_PENALTY", "0.5", "TANDEM_REPEAT_PENALTY: Input should be greater than or equal to 1"),
     ("TANDEM_GUARD_COMPLETE_SENTENCES", "-1",
      "TANDEM_GUARD_COMPLETE_SENTENCES: Input should be greater than or equal to 0"),
