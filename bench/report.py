@@ -19,6 +19,29 @@ def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def grounding_table(grounding: dict) -> list[str]:
+    from pipeline.evaluation import repeats_a_sentence  # from the replies kept, whichever code measured them
+
+    out = [f"**Grounding**, {grounding['questions']} questions with key facts (`pipeline/data/eval/grounding.jsonl`), "
+           "`python -m bench grounding`:\n"]
+    out.append("| backend | key-fact recall before guard | after guard | replies with an unsupported number before | after "
+               "| replies that say a sentence twice | second drafts | replaced by the guard | completed by the guard "
+               "| seconds, one question at a time | measured |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for backend, r in grounding["backends"].items():
+        rows = grounding.get("rows", {}).get(backend, [])
+        repeating = pct(sum(repeats_a_sentence(row["reply"]) for row in rows) / len(rows)) if rows else "n/a"
+        out.append(f"| {backend} | {pct(r['key_fact_recall_before_guard'])} | {pct(r['key_fact_recall_after_guard'])} "
+                   f"| {pct(r['unsupported_number_rate_before_guard'])} | {pct(r['unsupported_number_rate_after_guard'])} "
+                   f"| {repeating} | {pct(r['second_drafts']) if 'second_drafts' in r else 'n/a'} "
+                   f"| {pct(r['guard_replaced'])} | {pct(r['guard_completed']) if 'guard_completed' in r else 'n/a'} "
+                   f"| {r.get('seconds', 'n/a')} | {r.get('measured', grounding['machine']['date'])} |")
+    out.append("\n\"Before guard\" reads each reply's first draft in full (`bench grounding` runs with "
+               "`TANDEM_GUARD_STOP_EARLY` off), up to where it goes off track (repeats an earlier sentence or "
+               "narrates), if it does; "
+               "\"after\" reads the reply.\n")
+    return out
+
+
 def main() -> None:
     out: list[str] = []
     any_result = next((r for r in map(load, ["intents", "retrieval", "grounding", "latency"]) if r), None)
@@ -60,19 +83,7 @@ def main() -> None:
         out.append("")
     grounding = load("grounding")
     if grounding:
-        out.append(f"**Grounding**, {grounding['questions']} questions with key facts (`pipeline/data/eval/grounding.jsonl`), "
-                   "`python -m bench grounding`:\n")
-        out.append("| backend | key-fact recall before guard | after guard | replies with an unsupported number before | after "
-                   "| second drafts | replaced by the guard | completed by the guard | seconds, one question at a time "
-                   "| measured |\n|---|---|---|---|---|---|---|---|---|---|")
-        for backend, r in grounding["backends"].items():
-            out.append(f"| {backend} | {pct(r['key_fact_recall_before_guard'])} | {pct(r['key_fact_recall_after_guard'])} "
-                       f"| {pct(r['unsupported_number_rate_before_guard'])} | {pct(r['unsupported_number_rate_after_guard'])} "
-                       f"| {pct(r['second_drafts']) if 'second_drafts' in r else 'n/a'} "
-                       f"| {pct(r['guard_replaced'])} | {pct(r['guard_completed']) if 'guard_completed' in r else 'n/a'} "
-                       f"| {r.get('seconds', 'n/a')} | {r.get('measured', grounding['machine']['date'])} |")
-        out.append("\n\"Before guard\" reads each reply's first draft in full (`bench grounding` runs with "
-                   "`TANDEM_GUARD_STOP_EARLY` off); \"after\" reads the reply.\n")
+        out.extend(grounding_table(grounding))
     latency = load("latency")
     if latency:
         out.append(f"**Time to first token** after the models are loaded, in-process, `python -m bench latency` "

@@ -6,8 +6,10 @@ get a short request to rephrase and hand-off intents get a holding reply, neithe
 the generator. Retrieval fuses the passage's similarity with the classifier's probability
 for the passage's intent, so a message whose wording is close to the wrong article still
 finds the article for its intent. The guard checks each sentence of a draft as it
-completes, and the draft stops at the first one it rejects; a second draft, asked for the
-article's steps, gets one more chance before the reply quotes the article.
+completes, and the draft stops at the first one it rejects, or where it goes off track: a
+sentence that repeats an earlier one, or that talks about the customer instead of to them (a
+sentence that may do either streams once it is clear that it does not). A second draft, asked
+for the article's steps, gets one more chance before the reply quotes the article.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from pipeline.classifier import IntentClassifier
 from pipeline.encoder import SentenceEncoder, VectorCache
 from pipeline.errors import InputError, ModelLoadError, TandemError
-from pipeline.guard import GroundingGuard, last_sentence_end
+from pipeline.guard import GroundingGuard, last_sentence_end, off_track
 from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
 from pipeline.responder import ANSWER, STEPS, GenerationLimits, Responder, make_backend
 from pipeline.settings import Settings
@@ -257,12 +259,17 @@ class HybridPipeline:
                 restart = streamed  # a client replaces what it showed of the rejected draft
                 draft = ""
                 checked = 0  # the draft's first `checked` characters are whole sentences the guard passed
+                shown_up_to = 0  # without hold: the draft's first `shown_up_to` characters have streamed
                 rejected = False
                 with closing(self.responder.stream(understanding.message, understanding.intent,
                                                    understanding.passages, history, limits,
                                                    instruction=instruction)) as pieces:  # frees the backend's slot
                     for piece in pieces:
-                        before, draft = len(draft), draft + piece
+                        draft += piece
+                        stop, streamable = off_track(draft)
+                        if stop is not None:  # a repeat, or narration: the draft ends where it begins
+                            draft = draft[:stop]
+                            break
                         end = last_sentence_end(draft) if self.settings.guard_stop_early or hold else 0
                         if end > checked:
                             sentences = draft[checked:end]
@@ -270,14 +277,19 @@ class HybridPipeline:
                             # stop decoding it now rather than at max_tokens, and stream nothing after it.
                             if sentences.strip() and not self.guard.check(sentences, shown).supported:
                                 rejected = True
-                                if not hold and end > before:
-                                    yield release(draft[before:end])
+                                if not hold and end > shown_up_to:
+                                    yield release(draft[shown_up_to:end])
                                 break
                             if hold:
                                 yield release(sentences)
                             checked = end
-                        if not hold:
-                            yield release(piece)
+                        if not hold and streamable > shown_up_to:
+                            yield release(draft[shown_up_to:streamable])
+                            shown_up_to = streamable
+                if not rejected and (stop := off_track(draft + "\n")[0]) is not None:
+                    draft = draft[:stop]  # its last sentence, ended by the end of the stream, went off track
+                if not hold and not rejected and draft[shown_up_to:]:
+                    yield release(draft[shown_up_to:])  # held while it could have gone off track, which it did not
                 if not rejected and self.guard.check(draft.strip(), shown).supported:
                     accepted = True
                     break

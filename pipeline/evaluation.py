@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.chain import Done, HybridPipeline, Token
-from pipeline.guard import unsupported_numbers
+from pipeline.guard import sentences, unsupported_numbers
 
 _TRANSLATE = str.maketrans({"–": "-", "—": "-", "’": "'", "‘": "'", "“": '"', "”": '"', "→": ">"})
 
@@ -24,6 +24,12 @@ def normalise(text: str) -> str:
 def key_fact_recall(reply: str, facts: list[str]) -> float:
     reply = normalise(reply)
     return sum(normalise(f) in reply for f in facts) / len(facts) if facts else 1.0
+
+
+def repeats_a_sentence(reply: str) -> bool:
+    """Whether the reply says one of its sentences twice, word for word."""
+    said = [" ".join(s.lower().split()) for s in sentences(reply)]
+    return len(said) != len(set(said))
 
 
 def load_questions(path: Path) -> list[dict]:
@@ -89,6 +95,7 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
         "key_fact_recall_after_guard": round(sum(r["final_recall"] for r in rows) / count, 4),
         "unsupported_number_rate_before_guard": round(sum(bool(r["draft_unsupported"]) for r in rows) / count, 4),
         "unsupported_number_rate_after_guard": round(sum(bool(r["final_unsupported"]) for r in rows) / count, 4),
+        "replies_repeating_a_sentence": round(sum(repeats_a_sentence(r["reply"]) for r in rows) / count, 4),
         "guard_replaced": round(sum(not r["grounded"] for r in rows) / count, 4),
         "guard_completed": round(sum(r["completed"] for r in rows) / count, 4),
         "second_drafts": round(sum(r["second_draft"] for r in rows) / count, 4),

@@ -9,6 +9,9 @@ that passes but leaves some of those sentences unsaid is completed with them: th
 generator often answers vaguely ("a small fee that can vary") where the article names it,
 so a sentence counts as said only when the reply also gives its specifics (its numbers and
 app paths such as "Cards → Security"), however close the reply's wording comes to it.
+A draft that starts saying an earlier sentence again is going round in a loop (greedy decoding
+of a small model does, until max_tokens), and one that starts talking about "the customer" has
+stopped answering: ``off_track`` finds where, so the draft ends there.
 """
 
 from __future__ import annotations
@@ -32,6 +35,15 @@ _APP_PATH_STEP = re.compile(r"([\w'’]+)[\"”]?\s*(?:→|->)\s*(?=[\"“]?([\w
 # A passage sentence counts as already said when a reply sentence is this close to it. On the
 # grounding set 0.8 and 0.9 gave the same key-fact recall; 0.8 repeats less.
 _ALREADY_SAID = 0.8
+# Two sentences of one reply that open with the same eight words are the model going round again:
+# of the grounding set's llama_cpp first drafts (2026-12-01), the 8 that this or an exact repeat
+# cuts were all loops, none two different facts.
+_LOOP_WORDS = 8
+_LIST_MARK = re.compile(r"^(?:[-*•]|\d+[.)])\s+")
+# A reply speaks to the customer. A small model at times narrates instead ("The customer is asking
+# about a lost card.", "The user should..."), and what follows is no longer an answer.
+_NARRATION_OPENINGS = ("the customer", "the user")
+_NARRATION = re.compile(r"the (?:customer|user)(?:'s|s)?\b(?! service| support)")
 
 
 def numbers_in(text: str) -> set[str]:
@@ -74,8 +86,46 @@ def last_sentence_end(text: str) -> int:
 
 
 def sentences(text: str) -> list[str]:
-    parts = (s.strip(" -*•\t") for s in _SENTENCE_END.split(text))
+    """The text's sentences of three words or more, without list marks or Markdown bold: a
+    reply quotes them, and "Wrong code:** each card…" is what a bold list label leaves behind."""
+    parts = (s.replace("**", "").strip(" -*•\t") for s in _SENTENCE_END.split(text))
     return [s for s in parts if len(s.split()) >= 3 and not s.startswith("#")]
+
+
+def _normalised(sentence: str) -> str:
+    return " ".join(_LIST_MARK.sub("", sentence.strip()).lower().split()).rstrip(".!?:;,")
+
+
+def off_track(draft: str) -> tuple[int | None, int]:
+    """Where a draft stops being a reply, and how much of it may stream meanwhile.
+
+    The first value is the start of the first sentence that says an earlier one again (whole;
+    cut short: a finished sentence of three words or more that is the beginning of an earlier
+    one; or from the same first eight words), or that begins by talking about the customer
+    instead of to them ("The customer is asking about a lost card."); None while there is none.
+    The second is where the text that may stream ends: before an unfinished last sentence that
+    so far could become either, so the customer sees no word of it."""
+    bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(draft))]
+    earlier: list[list[str]] = []
+    for i, start in enumerate(bounds):
+        finished = i + 1 < len(bounds)
+        text = _normalised(draft[start: bounds[i + 1] if finished else len(draft)])
+        words = text.split()
+        if not words:
+            continue
+        if _NARRATION.match(text):
+            return start, start
+        for before in earlier:
+            if finished and len(words) >= 3 and before[: len(words)] == words:
+                return start, start
+            # An unfinished sentence's last word may be cut: count only the words before it.
+            if len(words) >= _LOOP_WORDS + (not finished) and before[:_LOOP_WORDS] == words[:_LOOP_WORDS]:
+                return start, start
+        if not finished and any(opening.startswith(text) for opening in [*_NARRATION_OPENINGS,
+                                                                         *(" ".join(b) for b in earlier)]):
+            return None, start
+        earlier.append(words)
+    return None, len(draft)
 
 
 @dataclass
@@ -97,7 +147,7 @@ class GroundingGuard:
     @property
     def identity(self) -> str:
         """What a cached reply depends on in the guard; the version moves when its rules do."""
-        return f"guard2:{self.similarity_threshold}:{self.complete_sentences}"
+        return f"guard3:{self.similarity_threshold}:{self.complete_sentences}"
 
     def check(self, reply: str, passages: list[Passage]) -> GuardVerdict:
         source = "\n".join(f"{p.title}\n{p.text}" for p in passages)

@@ -201,9 +201,13 @@ class ReplyLeases:
         """Replies whose writer stopped renewing before the end, each with its task's arguments,
         each handed to one caller only; ``skip``: the replies the caller is writing itself."""
         found = []
-        for reply_id in sorted(self.client.smembers(WRITING) - set(skip)):
-            if self.client.exists(self._key(reply_id, "lease")):
-                continue
+        # Every gen worker scans every lease/3 s: one round trip for all the leases, whatever their number.
+        writing = sorted(self.client.smembers(WRITING) - set(skip))
+        with self.client.pipeline(transaction=False) as pipe:
+            for reply_id in writing:
+                pipe.exists(self._key(reply_id, "lease"))
+            held = pipe.execute()
+        for reply_id in (r for r, leased in zip(writing, held) if not leased):
             task = self.client.get(self._key(reply_id, "task"))
             if task is None or ReplyStream(self.client, reply_id).finished():
                 self.release(reply_id)  # ended (or expired) without saying so
@@ -262,6 +266,16 @@ class ReplyCache:
         self.client.set(key, json.dumps(value, ensure_ascii=False), ex=self.ttl_s)
 
 
+# The turn's marker and the turn go in together, or neither does.
+_APPEND_ONCE = """
+if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[4]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
 class ConversationMemory:
     """The last N turns of a session, oldest first, as chat messages."""
 
@@ -269,15 +283,14 @@ class ConversationMemory:
         self.client = client
         self.turns = turns
         self.ttl_s = ttl_s
+        self._append_once = client.register_script(_APPEND_ONCE)  # sends nothing to Redis yet
 
     def history(self, session_id: str) -> list[dict]:
         return [json.loads(item) for item in self.client.lrange(f"tandem:session:{session_id}", 0, -1)]
 
-    def append(self, session_id: str, user: str, assistant: str) -> None:
+    def append(self, session_id: str, user: str, assistant: str, turn_id: str) -> bool:
+        """Add a turn once per ``turn_id`` (the reply's id): a worker taken for dead that wakes up
+        and finishes the reply its successor also wrote does not add it twice."""
         key = f"tandem:session:{session_id}"
-        pipe = self.client.pipeline()
-        pipe.rpush(key, json.dumps({"role": "user", "content": user}),
-                   json.dumps({"role": "assistant", "content": assistant}))
-        pipe.ltrim(key, -2 * self.turns, -1)
-        pipe.expire(key, self.ttl_s)
-        pipe.execute()
+        turn = [json.dumps({"role": "user", "content": user}), json.dumps({"role": "assistant", "content": assistant})]
+        return bool(self._append_once(keys=[key, f"{key}:turn:{turn_id}"], args=[*turn, 2 * self.turns, self.ttl_s]))

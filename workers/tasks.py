@@ -227,8 +227,8 @@ def _write_reply(stream: ReplyStream, understanding: dict, reply_id: str, sessio
         result["reply_id"] = reply_id
         if writer.resumed:
             result["resumed"] = True
-        if session_id:  # before "done": a client's next message must see this turn
-            memory.append(session_id, u.message, result["reply"])
+        if session_id:  # before "done": a client's next message must see this turn; once, whoever writes it
+            memory.append(session_id, u.message, result["reply"], turn_id=reply_id)
         writer.done(result)
     except TandemError as exc:
         stream.publish("error", {"message": str(exc)})

@@ -1,8 +1,8 @@
-"""The report's decode block: which weights were served, and the Q8_0 copy against the file."""
+"""The report's blocks: which weights decode served, the Q8_0 copy against the file, grounding's columns."""
 
 from __future__ import annotations
 
-from bench.report import decode_table
+from bench.report import decode_table, grounding_table
 
 
 def _decode(weights: str, with_ab: bool) -> dict:
@@ -52,3 +52,14 @@ def test_the_hardware_block_weighs_prompt_and_reply_tokens_against_the_prompts_a
     assert "| grounded | 16 | 80.0 | 400.0 | 88.9% |" in text
     # 3 x 32 generated tokens/s at 400 / 80 computed per generated: 480, 1.07x the prompts-alone rate
     assert "grounded 480 tokens computed/s, 1.07× the prompts-alone rate" in text
+
+
+def test_the_grounding_block_counts_replies_that_say_a_sentence_twice_from_the_replies_kept():
+    figures = {"key_fact_recall_before_guard": 0.3, "key_fact_recall_after_guard": 0.6, "second_drafts": 0.25,
+               "unsupported_number_rate_before_guard": 0.1, "unsupported_number_rate_after_guard": 0.0,
+               "guard_replaced": 0.5, "guard_completed": 0.5, "seconds": 9.0, "measured": "2026-12-01 02:06 UTC"}
+    looping = "You can close it in the app. It takes 5 working days. You can close it in the app."
+    grounding = {"questions": 2, "backends": {"llama_cpp": figures}, "machine": {"date": "2026-12-01 02:06 UTC"},
+                 "rows": {"llama_cpp": [{"reply": looping}, {"reply": "You can close it in the app."}]}}
+    text = "\n".join(grounding_table(grounding))
+    assert "| llama_cpp | 30.0% | 60.0% | 10.0% | 0.0% | 50.0% | 25.0% | 50.0% | 50.0% | 9.0 | 2026-12-01 02:06 UTC |" in text

@@ -150,6 +150,36 @@ def test_held_sentences_stream_only_once_the_guard_has_passed_them(pipeline, mon
     assert record == {"read": 3, "closed": True, "instructions": [ANSWER]} and not events[-1].result.grounded
 
 
+# A greedy small model going round: the same sentence again, until max_tokens.
+LOOPING_DRAFT = ["Standard delivery takes ", "3–5 working days in the UK. ", "It is free for ", "your first card. ",
+                 "Standard ", "delivery takes ", "3–5 working days in the UK. ", "Standard delivery"]
+
+
+def test_a_draft_that_goes_round_again_or_narrates_ends_there_and_shows_none_of_it(pipeline, monkeypatch):
+    events, record = _recorded_draft(pipeline, monkeypatch, LOOPING_DRAFT)
+    assert record == {"read": 7, "closed": True, "instructions": [ANSWER]}  # decoding stops at the repeat
+    drafted = "".join(e.text for e in events if isinstance(e, Token) and not e.from_guard)
+    assert drafted.strip() == "Standard delivery takes 3–5 working days in the UK. It is free for your first card."
+    result = events[-1].result
+    assert result.grounded and result.reply.split("\n\n")[0].strip() == drafted.strip()  # then the guard's completion
+
+    # A sentence that begins like an earlier one streams once it turns out to be another.
+    different = [*LOOPING_DRAFT[:4], "Standard ", "delivery is ", "free for your first card."]
+    events, _ = _recorded_draft(pipeline, monkeypatch, different)
+    tokens = [e.text for e in events if isinstance(e, Token) and not e.from_guard]
+    assert tokens[-2:] == ["Standard delivery is ", "free for your first card."] and "".join(tokens) == "".join(different)
+
+    # Narration ends a draft too, and none of it streams.
+    narrated = [*LOOPING_DRAFT[:4], "The ", "customer is ", "asking about delivery."]
+    events, record = _recorded_draft(pipeline, monkeypatch, narrated)
+    assert record == {"read": 6, "closed": True, "instructions": [ANSWER]}
+    assert "".join(e.text for e in events if isinstance(e, Token) and not e.from_guard) == drafted
+
+    # A draft whose last sentence, ended by the end of the stream, is a repeat.
+    events, record = _recorded_draft(pipeline, monkeypatch, [*LOOPING_DRAFT[:4], "It is free ", "for your first card."])
+    assert record["closed"] is False and events[-1].result.reply.split("\n\n")[0].strip() == drafted.strip()
+
+
 PASSING_DRAFT = ["Standard delivery takes ", "3–5 working days in the UK. ", "It is free for ", "your first card."]
 
 

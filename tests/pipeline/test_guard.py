@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from pipeline.guard import GroundingGuard, durations_in, last_sentence_end, numbers_in, sentences, specifics, unsupported_numbers
+from pipeline.guard import (
+    GroundingGuard,
+    durations_in,
+    last_sentence_end,
+    numbers_in,
+    off_track,
+    sentences,
+    specifics,
+    unsupported_numbers,
+)
 from pipeline.knowledge import Passage
 
 
@@ -35,6 +44,7 @@ def test_a_duration_must_be_one_the_passage_gives(reply, unsupported):
 def test_sentences_skip_headings_and_fragments():
     assert sentences("## Fees\nIt costs £5 to order.\n- ok\nYou can pay by card. Thanks!") == \
         ["It costs £5 to order.", "You can pay by card."]
+    assert sentences("- **Wrong code:** each card has its own code.") == ["Wrong code: each card has its own code."]
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +160,45 @@ def test_passage_sentences_are_embedded_once_and_read_back_unchanged(encoder):
 def test_last_sentence_end(text, end):
     assert last_sentence_end(text) == end
     assert sentences(text[:end]) + sentences(text[end:]) == sentences(text)
+
+
+LOOPING = ("You can close your account under Profile → Account. It takes up to 5 working days. "
+           "You can close your account under Profile → Account. It takes")
+
+
+def test_a_draft_that_says_a_sentence_again_ends_where_the_repeat_begins():
+    cut = LOOPING.index("You can close", 1)
+    assert off_track(LOOPING) == (cut, cut)
+    assert off_track(LOOPING[:cut]) == (None, cut)
+
+
+@pytest.mark.parametrize("draft, repeat", [
+    ("Freeze the card in the app now. Then order a new one.\n\nFreeze the card in\n\n", "Freeze the card in\n"),
+    ("1. Tap Cards → Security.\n2. Tap Freeze card.\n3. Tap Cards → Security.\n", "Tap Cards → Security.\n"),
+    ("You can also close your Northwind account yourself in the app. "
+     "You can also close your Northwind account yourself if you have", "You can also close your Northwind account yourself if"),
+])
+def test_a_repeat_is_found_whole_cut_short_or_by_its_first_eight_words(draft, repeat):
+    cut = draft.rindex(repeat)
+    assert off_track(draft) == (cut, cut)
+    assert off_track(draft[:cut]) == (None, cut)
+
+
+def test_an_unfinished_sentence_is_held_while_it_could_still_be_a_repeat():
+    first = "Tap Cards → Security to freeze it. "
+    assert off_track(first + "Tap Cards") == (None, len(first))  # so far the start of the first sentence
+    assert off_track(first + "Tap Cards → Replace") == (None, len(first + "Tap Cards → Replace"))  # it is not
+    assert off_track("Tap Cards → Security") == (None, len("Tap Cards → Security"))  # nothing earlier to repeat
+    different = "Standard delivery takes 3–5 working days. Express delivery takes 1–2 working days."
+    assert off_track(different) == (None, len(different))
+
+
+def test_a_draft_that_talks_about_the_customer_instead_of_to_them_ends_there():
+    answer = "Freeze the card under Cards → Security. "
+    narrated = answer + "The customer is asking about a lost card."
+    assert off_track(narrated) == (len(answer), len(answer))
+    assert off_track("The user should order a new card.") == (0, 0)
+    assert off_track(answer + "The cust") == (None, len(answer))  # held: it may be narration
+    assert off_track(answer + "The card") == (None, len(answer + "The card"))  # it is not
+    ours = answer + "The customer service team can also help."
+    assert off_track(ours) == (None, len(ours))

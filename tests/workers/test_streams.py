@@ -73,8 +73,21 @@ def test_memory_keeps_the_last_turns(client):
     memory = ConversationMemory(client, turns=2, ttl_s=60)
     session = f"s{time.time_ns()}"
     for i in range(3):
-        memory.append(session, f"q{i}", f"a{i}")
+        memory.append(session, f"q{i}", f"a{i}", turn_id=f"r{i}")
     assert [m["content"] for m in memory.history(session)] == ["q1", "a1", "q2", "a2"]
+
+
+def test_a_reply_enters_memory_once_whichever_writer_finishes_it(client):
+    # A worker taken for dead can wake up and finish the reply its successor also finished.
+    memory = ConversationMemory(client, turns=3, ttl_s=60)
+    session = f"s{time.time_ns()}"
+    assert memory.append(session, "q0", "a0", turn_id="r0")
+    assert not memory.append(session, "q0", "a0", turn_id="r0")
+    assert memory.append(session, "q1", "a1", turn_id="r1")
+    for i in range(2, 5):
+        memory.append(session, f"q{i}", f"a{i}", turn_id=f"r{i}")
+    assert [m["content"] for m in memory.history(session)] == ["q2", "a2", "q3", "a3", "q4", "a4"]
+    assert 0 < client.ttl(f"tandem:session:{session}") <= 60 and 0 < client.ttl(f"tandem:session:{session}:turn:r4") <= 60
 
 
 def test_cache_round_trip_and_ttl(client):
