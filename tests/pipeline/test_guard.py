@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 
@@ -202,3 +204,22 @@ def test_a_draft_that_talks_about_the_customer_instead_of_to_them_ends_there():
     assert off_track(answer + "The card") == (None, len(answer + "The card"))  # it is not
     ours = answer + "The customer service team can also help."
     assert off_track(ours) == (None, len(ours))
+
+
+def test_nothing_streamed_is_ever_cut_off_by_a_later_stop():
+    # The promise behind holding text back: what off_track let stream on a shorter draft stays
+    # before any stop it finds once the draft grows, so no off-track sentence reaches the customer.
+    rng = random.Random(7)
+    said = ["Freeze the card in the app.", "Tap Cards → Security.", "Tap Cards → Security → Freeze card.",
+            "The customer is asking about a card.", "The card arrives in 3–5 working days.",
+            "You can order a new card in the app under Cards.", "1.", "2.", "The user"]
+    for _ in range(300):
+        draft = "".join(rng.choice(said) + rng.choice([" ", "\n", "\n\n"]) for _ in range(rng.randint(1, 6)))
+        shown = 0
+        for end in sorted(rng.sample(range(1, len(draft) + 1), min(len(draft), 12))) + [len(draft)]:
+            stop, streamable = off_track(draft[:end])
+            if stop is not None:
+                assert stop >= shown, (draft, end)
+                break
+            assert streamable >= shown, (draft, end)
+            shown = streamable
