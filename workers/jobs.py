@@ -9,7 +9,7 @@ A job is driven by one API process at a time, which holds ``tandem:job:{id}:driv
 lease and renews it while it waits on the workers. If that process dies, the lease lapses and
 any API process's ``JobStore.resume_orphans`` (run every half lease) takes the job over and
 sends the tickets with no result yet. Rows are written once (HSETNX), so a ticket answered
-twice across a takeover is counted once.
+twice across a takeover is counted once, and in the same step as their count.
 """
 
 from __future__ import annotations
@@ -34,6 +34,21 @@ log = logging.getLogger(__name__)
 # Extend or drop the lease only while this driver still holds it.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# A chunk's rows and their count go in together. Written as two round trips, a driver killed
+# between them left rows that no one counted: the next driver skips answered tickets, and the
+# job ended "done" short of its total (seen once in CI, 1,975 of 2,000).
+_WRITE_ROWS = """
+local new, errors = 0, 0
+for i = 1, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    new = new + 1
+    if ARGV[i + 2] == '1' then errors = errors + 1 end
+  end
+end
+redis.call('HINCRBY', KEYS[2], 'processed', new)
+redis.call('HINCRBY', KEYS[2], 'errors', errors)
+return new
+"""
 
 
 class JobStore:
@@ -146,13 +161,8 @@ class JobStore:
         return check
 
     def _write(self, job_id: str, rows: list[dict]) -> None:
-        pipe = self.client.pipeline()
-        for row in rows:
-            pipe.hsetnx(self._key(job_id, "results"), row["id"], json.dumps(row, ensure_ascii=False))
-        new = [row for row, written in zip(rows, pipe.execute()) if written]
-        pipe.hincrby(self._key(job_id), "processed", len(new))
-        pipe.hincrby(self._key(job_id), "errors", sum("error" in row for row in new))
-        pipe.execute()
+        args = [x for row in rows for x in (row["id"], json.dumps(row, ensure_ascii=False), int("error" in row))]
+        self.client.eval(_WRITE_ROWS, 2, self._key(job_id, "results"), self._key(job_id), *args)
 
     def _end(self, job_id: str, state: str) -> None:
         pipe = self.client.pipeline()

@@ -3,7 +3,10 @@ rows counted once. (Driving a job through real workers is in tests/services/test
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+import redis
 
 from workers.jobs import OPEN_JOBS, JobStore
 
@@ -45,3 +48,41 @@ def test_rows_written_twice_are_counted_once(store):
     assert status["processed"] == 4 and status["errors"] == 2  # "bad" and the first t1
     assert [r["id"] for r in store.results(job)] == ["t0", "t1", "t2", "bad"]
     assert [t["id"] for t in store._unanswered(job)] == []
+
+
+class _DiesAfterFirstRoundTrip:
+    """The store's Redis client for a driver killed right after its first round trip to Redis."""
+
+    def __init__(self, client: redis.Redis):
+        self.client, self.round_trips = client, 0
+
+    def _round_trip(self) -> None:
+        self.round_trips += 1
+        if self.round_trips > 1:
+            raise redis.ConnectionError("the driver was killed")
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self.client.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def once_alive(*a, **k):
+            self._round_trip()
+            return execute(*a, **k)
+        pipe.execute = once_alive
+        return pipe
+
+    def eval(self, *args):
+        self._round_trip()
+        return self.client.eval(*args)
+
+
+def test_a_driver_killed_while_writing_leaves_no_row_uncounted(store, redis_client):
+    # Rows written without their count were skipped by the next driver, and the job ended
+    # "done" short of its total.
+    job = store.create(tickets(3), drafts=False)
+    store.client = _DiesAfterFirstRoundTrip(redis_client)
+    with contextlib.suppress(redis.ConnectionError):
+        store._write(job, [{"id": "t0", "intent": "card_arrival"}, {"id": "t1", "error": "worker failed"}])
+    store.client = redis_client
+    status = store.status(job)
+    assert status["processed"] == redis_client.hlen(f"tandem:job:{job}:results") == 2 and status["errors"] == 1
