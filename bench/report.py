@@ -20,16 +20,13 @@ def pct(x: float | None) -> str:
 
 
 def grounding_table(grounding: dict) -> list[str]:
-    from pipeline.evaluation import repeats_a_sentence  # from the replies kept, whichever code measured them
-
     out = [f"**Grounding**, {grounding['questions']} questions with key facts (`pipeline/data/eval/grounding.jsonl`), "
            "`python -m bench grounding`:\n"]
     out.append("| backend | key-fact recall before guard | after guard | replies with an unsupported number before | after "
                "| replies that say a sentence twice | second drafts | replaced by the guard | completed by the guard "
                "| seconds, one question at a time | measured |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for backend, r in grounding["backends"].items():
-        rows = grounding.get("rows", {}).get(backend, [])
-        repeating = pct(sum(repeats_a_sentence(row["reply"]) for row in rows) / len(rows)) if rows else "n/a"
+        repeating = pct(r["replies_repeating_a_sentence"]) if "replies_repeating_a_sentence" in r else "n/a"
         out.append(f"| {backend} | {pct(r['key_fact_recall_before_guard'])} | {pct(r['key_fact_recall_after_guard'])} "
                    f"| {pct(r['unsupported_number_rate_before_guard'])} | {pct(r['unsupported_number_rate_after_guard'])} "
                    f"| {repeating} | {pct(r['second_drafts']) if 'second_drafts' in r else 'n/a'} "

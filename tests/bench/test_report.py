@@ -54,12 +54,14 @@ def test_the_hardware_block_weighs_prompt_and_reply_tokens_against_the_prompts_a
     assert "grounded 480 tokens computed/s, 1.07× the prompts-alone rate" in text
 
 
-def test_the_grounding_block_counts_replies_that_say_a_sentence_twice_from_the_replies_kept():
+def test_the_grounding_block_gives_the_share_of_replies_that_say_a_sentence_twice():
     figures = {"key_fact_recall_before_guard": 0.3, "key_fact_recall_after_guard": 0.6, "second_drafts": 0.25,
                "unsupported_number_rate_before_guard": 0.1, "unsupported_number_rate_after_guard": 0.0,
+               "replies_repeating_a_sentence": 0.5,
                "guard_replaced": 0.5, "guard_completed": 0.5, "seconds": 9.0, "measured": "2026-12-01 02:06 UTC"}
-    looping = "You can close it in the app. It takes 5 working days. You can close it in the app."
-    grounding = {"questions": 2, "backends": {"llama_cpp": figures}, "machine": {"date": "2026-12-01 02:06 UTC"},
-                 "rows": {"llama_cpp": [{"reply": looping}, {"reply": "You can close it in the app."}]}}
+    grounding = {"questions": 2, "backends": {"llama_cpp": figures}, "machine": {"date": "2026-12-01 02:06 UTC"}}
     text = "\n".join(grounding_table(grounding))
     assert "| llama_cpp | 30.0% | 60.0% | 10.0% | 0.0% | 50.0% | 25.0% | 50.0% | 50.0% | 9.0 | 2026-12-01 02:06 UTC |" in text
+    # A run from before the column existed says so rather than a figure no one measured.
+    del figures["replies_repeating_a_sentence"]
+    assert "| 0.0% | n/a | 25.0% |" in "\n".join(grounding_table(grounding))
