@@ -43,10 +43,14 @@ class Settings(BaseSettings):
     encoder: str = Field(default_factory=bundled_encoder_path)
     encoder_device: str = "cpu"
     # Small batches of length-sorted messages pad least: on chunks of 64 tickets, 16 ran at
-    # 106 sentences/s against 55 for 64 (2 cores, 2026-11-22).
-    encoder_batch_size: int = 16
+    # 106 sentences/s against 55 for 64 (torch, 2 cores, 2026-11-22). With ONNX Runtime's
+    # batches run side by side, one per core, 8 ran 1.2x as fast as 16 and 4 about as fast
+    # as 8 (NLU tickets/s, 2 cores without VNNI, 2026-12-01), at the same accuracy.
+    encoder_batch_size: int = 8
     encoder_max_length: int = 128
-    encoder_threads: int | None = None  # torch threads in a worker; default: every core
+    # Cores the encoder computes on in a worker (default: every core): torch's threads, or
+    # with ONNX Runtime how many one-thread batches run at once.
+    encoder_threads: int | None = None
     # Where encoder_onnx_int8 is off or its export fails: int8 (dynamic) for the attention
     # layers' matrices in torch, on CPU with the head-only intent model:
     # 1.19x NLU tickets/s; BANKING77 accuracy 94.22% against 94.32% in fp32 (the limit is a
@@ -67,9 +71,10 @@ class Settings(BaseSettings):
     oos_label: str = "oos"
     # A message whose nearest help-centre passage has a cosine similarity under this is out of
     # scope, whatever intent the model picks (0 turns it off). 0.435 is the value 0.5% of
-    # BANKING77's training messages fall under with the bundled encoder and help centre, the
-    # share the intent model's own threshold rejects (README, "Out of scope"); re-measure it
-    # for another encoder or help centre with `python -m bench oos`.
+    # BANKING77's training messages fell under with the bundled encoder and help centre
+    # (2026-11-23; 0.432 on 2026-12-01, another machine and encoder batches of 8), the share
+    # the intent model's own threshold rejects (README, "Out of scope"); re-measure it for
+    # another encoder or help centre with `python -m bench oos`.
     oos_min_similarity: float = Field(default=0.435, ge=0.0, le=1.0)
     # Intents a person must handle (possible fraud): the customer gets a holding reply, no generated one.
     handoff_intents: list[str] = ["compromised_card", "card_payment_not_recognised", "cash_withdrawal_not_recognised",

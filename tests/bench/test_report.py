@@ -1,8 +1,9 @@
-"""The report's blocks: which weights decode served, the Q8_0 copy against the file, grounding's columns."""
+"""The report's blocks: which weights decode served, the Q8_0 copy against the file, grounding's columns,
+NLU's rows against the naive loop."""
 
 from __future__ import annotations
 
-from bench.report import decode_table, grounding_table
+from bench.report import decode_table, grounding_table, nlu_table
 
 
 def _decode(weights: str, with_ab: bool) -> dict:
@@ -65,3 +66,17 @@ def test_the_grounding_block_gives_the_share_of_replies_that_say_a_sentence_twic
     # A run from before the column existed says so rather than a figure no one measured.
     del figures["replies_repeating_a_sentence"]
     assert "| 0.0% | n/a | 25.0% |" in "\n".join(grounding_table(grounding))
+
+
+def test_the_nlu_block_sets_each_row_against_the_naive_loop_and_the_encoder_against_its_old_schedule():
+    row = {"accuracy": 0.93, "n": 1024}
+    nlu = {"machine": {"date": "2026-12-01 05:12 UTC", "cores": 2, "cpu": "Xeon"},
+           "rows": {"ours": {**row, "tickets_per_s": 175.5}, "ours_one_batch_at_a_time": {**row, "tickets_per_s": 139.3},
+                    "naive": {**row, "tickets_per_s": 28.46, "n": 200}},
+           "ratios": {"ours_over_naive": 6.17, "ours_over_haystack": 15.05, "side_by_side_over_one_at_a_time": 1.26}}
+    text = "\n".join(nlu_table(nlu))
+    assert "| Tandem as shipped (batched, ONNX Runtime, int8 weights) | 175.5 | 6.2× | 93.0% | 1024 |" in text
+    assert "one encoder batch of 16 at a time on every core (before 2026-12-01) | 139.3 | 4.9× |" in text
+    assert "Encoder batches side by side, one thread each: 1.26× one batch at a time" in text
+    older = {**nlu, "ratios": {"ours_over_naive": 7.88, "ours_over_haystack": 14.52}}  # a run before the A/B row
+    assert "side by side" not in "\n".join(nlu_table(older))

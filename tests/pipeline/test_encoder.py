@@ -63,3 +63,23 @@ def test_an_encoder_that_cannot_be_exported_stays_on_torch(encoder, settings, tm
     fallback = SentenceEncoder(settings.encoder)
     assert not fallback.use_onnx_int8(blocked)
     assert np.allclose(fallback.encode(["I lost my card"]), encoder.encode(["I lost my card"]), atol=1e-5)
+
+
+def test_onnx_batches_run_side_by_side_with_the_vectors_of_one_run_after_another(settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.encoder import SentenceEncoder
+
+    texts = [f"ticket {i}: my card " + "was declined again " * (i % 7) for i in range(50)]
+    serial, pooled = SentenceEncoder(settings.encoder, batch_size=4), SentenceEncoder(settings.encoder, batch_size=4)
+    assert serial.use_onnx_int8(settings.data_dir / "models", threads=1)
+    assert pooled.use_onnx_int8(settings.data_dir / "models", threads=2)
+    seen: list[int] = []
+    vectors = pooled.encode(texts, progress=seen.append)
+    assert np.array_equal(vectors, serial.encode(texts))  # same batches, so the same int8 scales
+    assert sorted(seen) == seen and len(seen) == 13 and seen[-1] == 50
+    # A gen worker's drafting threads call at once: they share the pool, each gets its own vectors.
+    with ThreadPoolExecutor(4) as callers:
+        parts = list(callers.map(lambda i: pooled.encode(texts[i::4]), [0, 1, 2, 3] * 3))
+    for i, part in enumerate(parts):
+        assert np.array_equal(part, serial.encode(texts[i % 4::4]))
