@@ -157,11 +157,19 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         return {"reply_id": reply_id, "redelivered": True}
     task = {"understanding": understanding, "reply_id": reply_id, "session_id": session_id, "use_cache": use_cache,
             "history": history, "limits": limits}
-    leases = _leases()
-    leases.hold({reply_id: task})
     with _writing_lock:
+        if reply_id in _writing:
+            # Delivered again while this process still writes it: after a broker reconnect, kombu
+            # restores tasks left unacknowledged past the visibility timeout. The writer here
+            # finishes the reply; a second one would decode beside other replies, in another
+            # batch, and greedy decoding is not bit-for-bit the same across batches, so its text
+            # could part from what the client has (CI, threads pool, Redis restarted mid-reply).
+            log.warning("reply %s delivered again while this worker writes it; the duplicate stops", reply_id)
+            return {"reply_id": reply_id, "duplicate": True}
         _writing[reply_id] = task
+    leases = _leases()
     try:
+        leases.hold({reply_id: task})
         stream.claim()  # before ResumingWriter reads what is already written: no one else adds to it now
         result = _write_reply(stream, understanding, reply_id, session_id, use_cache, history, limits)
     except Superseded:  # taken for dead and handed to another worker, which writes the rest
