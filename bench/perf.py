@@ -78,15 +78,10 @@ def _one_batch_at_a_time(pipeline) -> None:
     run spread over every core, instead of one-thread batches of 8 side by side."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import onnxruntime
+    from pipeline.encoder import onnx_session
 
     encoder = pipeline.encoder
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = encoder._onnx_pool._max_workers
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    encoder._onnx = onnxruntime.InferenceSession(encoder._onnx._model_path, options,
-                                                 providers=["CPUExecutionProvider"])
+    encoder._onnx = onnx_session(encoder._onnx._model_path, threads_per_run=encoder._onnx_pool._max_workers)
     encoder._onnx_pool = ThreadPoolExecutor(1)
     encoder.batch_size = 16
 

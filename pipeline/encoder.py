@@ -31,6 +31,18 @@ from pipeline.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 
+def onnx_session(path: Path | str, threads_per_run: int):
+    """An ONNX Runtime CPU session whose runs each compute on ``threads_per_run`` threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads_per_run
+    options.inter_op_num_threads = 1
+    # Idle threads must not spin: an nlu worker shares its cores with a gen worker's llama.cpp.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class SentenceEncoder:
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16, max_length: int = 128):
         self.model_name = model
@@ -112,8 +124,6 @@ class SentenceEncoder:
         to fp32 ones (settings.encoder_onnx_int8 has the figures). ``threads`` batches run side
         by side, one thread each (default: torch's thread count). False, with a warning, where
         the model cannot be exported; the encoder then stays on torch."""
-        import onnxruntime
-
         self.warm_up()  # the pooling is read from the model's folder
         source = Path(self.model_name).resolve()
         weights = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
@@ -134,12 +144,7 @@ class SentenceEncoder:
         # messages gives matrices too small to split well across cores. On 2 cores (no VNNI,
         # exploratory, 2026-12-01) two one-thread runs side by side encoded 1.19x as fast as one
         # two-thread run at a batch of 16, and one message took 7.5 ms against 6.6 ms.
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        # Idle threads must not spin: an nlu worker shares its cores with a gen worker's llama.cpp.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._onnx = onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+        self._onnx = onnx_session(target, threads_per_run=1)
         self._onnx_pool = ThreadPoolExecutor(threads or torch.get_num_threads(), thread_name_prefix="encoder")
         return True
 

@@ -36,6 +36,24 @@ redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[5])
 redis.call('expire', KEYS[1], ARGV[5])
 return id
 """
+# ReplyLeases: KEYS are the lease, the task, the takeover mark and the WRITING set; ARGV[1]
+# the owner. A lease that another owner holds is left as it is (0).
+_HOLD_LEASE = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[3], 'EX', ARGV[4])
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('del', KEYS[3])
+redis.call('sadd', KEYS[4], ARGV[5])
+return 1
+"""
+_RELEASE_LEASE = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('del', KEYS[1], KEYS[2], KEYS[3])
+redis.call('srem', KEYS[4], ARGV[2])
+return 1
+"""
 _RETRY_CAP_S = 2.0  # the longest wait between two reconnection attempts
 
 
@@ -164,38 +182,45 @@ class ReplyLeases:
 
     A worker holds a lease on each reply it writes, keeps the task's arguments beside it and
     renews the lease while it works. A reply whose lease lapsed before its stream ended is an
-    orphan; ``orphans`` hands each one to a single caller, which queues its task again."""
+    orphan; ``orphans`` hands each one to a single caller, which queues its task again.
 
-    def __init__(self, client: redis.Redis, lease_s: float, ttl_s: int, takeover_s: float):
+    A lease names its ``owner`` (one per worker process), so that a copy of the task that
+    reaches another worker while the lease is live (the broker redelivers what it thinks
+    unacknowledged) is turned away instead of taking the reply over."""
+
+    def __init__(self, client: redis.Redis, lease_s: float, ttl_s: int, takeover_s: float, owner: str = ""):
         self.client = client
         self.lease_ms = int(lease_s * 1000)
         self.ttl_s = ttl_s
         # A handed-over task waits in the queue this long before it may be handed over again.
         self.takeover_ms = int(takeover_s * 1000)
+        self.owner = owner
+        self._hold = client.register_script(_HOLD_LEASE)
+        self._release = client.register_script(_RELEASE_LEASE)
 
     @staticmethod
     def _key(reply_id: str, part: str) -> str:
         return f"{STREAM_KEY.format(reply_id)}:{part}"
 
-    def hold(self, tasks: dict[str, dict]) -> None:
+    def hold(self, tasks: dict[str, dict]) -> set[str]:
         """Take or renew the lease on each reply id of ``tasks``, whose values are the keyword
-        arguments that write that reply again. Renewing writes everything again, so a Redis
-        that lost its data meanwhile knows these replies once more."""
+        arguments that write that reply again; return the ids whose live lease another owner
+        holds, which are left alone. Renewing writes everything again, so a Redis that lost
+        its data meanwhile knows these replies once more."""
         if not tasks:
-            return
+            return set()
         pipe = self.client.pipeline()
         for reply_id, task in tasks.items():
-            pipe.set(self._key(reply_id, "task"), json.dumps(task, ensure_ascii=False), ex=self.ttl_s)
-            pipe.set(self._key(reply_id, "lease"), 1, px=self.lease_ms)
-            pipe.delete(self._key(reply_id, "takeover"))
-            pipe.sadd(WRITING, reply_id)
-        pipe.execute()
+            self._hold(keys=self._keys(reply_id), client=pipe,
+                       args=[self.owner, self.lease_ms, json.dumps(task, ensure_ascii=False), self.ttl_s, reply_id])
+        return {reply_id for reply_id, held in zip(tasks, pipe.execute()) if not held}
 
     def release(self, reply_id: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.srem(WRITING, reply_id)
-        pipe.delete(self._key(reply_id, "lease"), self._key(reply_id, "task"), self._key(reply_id, "takeover"))
-        pipe.execute()
+        """Forget the reply, unless another owner holds its lease now (it took the reply over)."""
+        self._release(keys=self._keys(reply_id), args=[self.owner, reply_id])
+
+    def _keys(self, reply_id: str) -> list[str]:
+        return [self._key(reply_id, "lease"), self._key(reply_id, "task"), self._key(reply_id, "takeover"), WRITING]
 
     def orphans(self, skip: set[str] = frozenset()) -> list[tuple[str, dict]]:
         """Replies whose writer stopped renewing before the end, each with its task's arguments,

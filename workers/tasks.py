@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -86,7 +87,8 @@ def _watch_replies() -> None:
             with _writing_lock:
                 mine = dict(_writing)
             leases = _leases()
-            leases.hold(mine)
+            for reply_id in leases.hold(mine):  # its writer here finds out at its next piece (Superseded)
+                log.warning("reply %s was taken over by another worker", reply_id)
             for reply_id, task in leases.orphans(skip=set(mine)):
                 log.warning("reply %s lost its worker; queueing it again", reply_id)
                 respond.apply_async(kwargs=task)
@@ -97,7 +99,13 @@ def _watch_replies() -> None:
 
 def _leases() -> ReplyLeases:
     settings = _settings()
-    return ReplyLeases(_redis(), settings.reply_lease_s, settings.reply_stream_ttl_s, settings.visibility_timeout_s)
+    return ReplyLeases(_redis(), settings.reply_lease_s, settings.reply_stream_ttl_s, settings.visibility_timeout_s,
+                       owner=f"{socket.gethostname()}:{os.getpid()}:{_BOOT}")
+
+
+# With the pid, tells this process's leases from those of a worker that died and was started
+# again in a container that gave it the same name and pid.
+_BOOT = secrets.token_hex(4)
 
 
 @functools.cache
@@ -169,7 +177,10 @@ def respond(understanding: dict, reply_id: str, session_id: str | None = None, u
         _writing[reply_id] = task
     leases = _leases()
     try:
-        leases.hold({reply_id: task})
+        if leases.hold({reply_id: task}):
+            # A copy delivered to this worker while another one, alive, writes the reply.
+            log.warning("reply %s is being written by another worker; the duplicate stops", reply_id)
+            return {"reply_id": reply_id, "duplicate": True}
         stream.claim()  # before ResumingWriter reads what is already written: no one else adds to it now
         result = _write_reply(stream, understanding, reply_id, session_id, use_cache, history, limits)
     except Superseded:  # taken for dead and handed to another worker, which writes the rest

@@ -209,3 +209,26 @@ def test_a_reply_whose_lease_lapses_is_handed_over_once_and_one_that_ended_is_dr
     for reply_id in (alive, dead):
         leases.release(reply_id)
     assert not client.smembers("tandem:replies:writing") & {alive, dead, ended}
+
+
+def test_a_live_lease_turns_away_another_owner_until_it_lapses(unwatched_client):
+    """A copy of a reply's task that reaches a second worker while the first still renews its
+    lease must not take the reply over; once the lease lapses, it may, and the first worker
+    (stalled, not dead) does not take it back."""
+    client = unwatched_client
+    first, second = (ReplyLeases(client, lease_s=0.3, ttl_s=60, takeover_s=60, owner=name) for name in ("a:1", "b:2"))
+    reply_id = f"owned{time.time_ns()}"
+    task = {"reply_id": reply_id, "understanding": {"message": "hi"}}
+    assert first.hold({reply_id: task}) == set()
+    assert second.hold({reply_id: {**task, "understanding": {"message": "copy"}}}) == {reply_id}
+    second.release(reply_id)  # the duplicate's clean-up leaves the writer's lease alone
+    assert client.get(f"tandem:reply:{reply_id}:lease") == "a:1"
+    assert json.loads(client.get(f"tandem:reply:{reply_id}:task")) == task
+    assert client.sismember("tandem:replies:writing", reply_id)
+    time.sleep(0.4)
+    assert second.hold({reply_id: task}) == set(), "a lapsed lease is anyone's"
+    assert first.hold({reply_id: task}) == {reply_id}
+    first.release(reply_id)
+    assert client.get(f"tandem:reply:{reply_id}:lease") == "b:2"
+    second.release(reply_id)
+    assert not client.exists(f"tandem:reply:{reply_id}:lease") and not client.sismember("tandem:replies:writing", reply_id)

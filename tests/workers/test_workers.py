@@ -164,6 +164,24 @@ def kill_gen_mid_reply(workers, redis_client, message: str, env: dict[str, str] 
     return events, unbroken, seconds
 
 
+def test_a_copy_of_a_reply_task_is_turned_away_while_another_worker_holds_the_reply(workers, redis_client):
+    """The broker hands out again a task it thinks unacknowledged (after a reconnect, past the
+    visibility timeout) even while a live worker writes that reply: the copy must leave it be."""
+    from workers.tasks import classify, respond, retrieve
+
+    reply_id = f"held{time.time_ns()}"
+    understanding = retrieve.delay(classify.delay("How do I change my PIN?").get(timeout=120)).get(timeout=120)
+    redis_client.set(f"{STREAM_KEY.format(reply_id)}:lease", "another-worker:1:ab12", px=120_000)
+    try:
+        result = respond.apply_async(kwargs={"understanding": understanding, "reply_id": reply_id,
+                                             "use_cache": False}).get(timeout=120)
+        assert result == {"reply_id": reply_id, "duplicate": True}
+        assert not redis_client.exists(STREAM_KEY.format(reply_id)), "the copy wrote to the stream"
+        assert redis_client.get(f"{STREAM_KEY.format(reply_id)}:lease") == "another-worker:1:ab12"
+    finally:
+        redis_client.delete(f"{STREAM_KEY.format(reply_id)}:lease")
+
+
 def test_a_message_sent_while_redis_restarts_is_queued_when_it_returns(workers, redis_client, redis_server):
     """Sending a task waits for Redis to come back (the app reconnects without limit,
     `broker_connection_max_retries=None`), as every hop of the chain does inside the workers."""
