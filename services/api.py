@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.chain import clean_message
 from pipeline.errors import InputError, TandemError
@@ -111,6 +112,14 @@ def error_body(message: str, kind: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+def _problem(error: dict) -> str:
+    """One of pydantic's or FastAPI's validation errors, as a reader wants it."""
+    if error.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} at character " \
+               f"{error['loc'][-1]})"
+    return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {error['msg']}"
+
+
 def api_error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> HTTPException:
     return HTTPException(status, detail=error_body(message, kind, code))
 
@@ -156,15 +165,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.latency.labels(path, request.method).observe(time.perf_counter() - started)
         return response
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        body = exc.detail if isinstance(exc.detail, dict) and "error" in exc.detail else \
-            error_body(str(exc.detail), "invalid_request_error")
+    # Starlette's class, not FastAPI's subclass: routing (404, 405) and FastAPI's body parsing
+    # raise Starlette's, and those answers must come in the same error body as ours.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.detail, dict) and "error" in exc.detail:
+            body = exc.detail
+        elif isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
+            cause = exc.__cause__
+            body = error_body(f"the body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset "
+                              f"{cause.start}); send JSON encoded as UTF-8", "invalid_request_error", "bad_encoding")
+        else:
+            body = error_body(str(exc.detail), "invalid_request_error")
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(e) for e in exc.errors())
         return JSONResponse(error_body(problems or "invalid request", "invalid_request_error", "validation"), 422)
 
     @app.exception_handler(InputError)

@@ -69,7 +69,14 @@ def test_chat_request_limits(api, body, status, code):
 
 def test_malformed_json_and_missing_key(api):
     response = httpx.post(f"{api}/v1/chat/completions", content=b"{not json", headers={**auth(), "Content-Type": "application/json"})
-    assert response.status_code == 422 and "error" in response.json()
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith("the body is not valid JSON (Expecting property name")
+    latin1 = '{"messages": [{"role": "user", "content": "caf\u00e9 card"}]}'.encode("latin-1")
+    response = httpx.post(f"{api}/v1/chat/completions", content=latin1, headers={**auth(), "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_encoding"
+    assert "not valid UTF-8 (byte 0xe9 at offset 46)" in response.json()["error"]["message"]
+    for response in (httpx.get(f"{api}/v1/nowhere", headers=auth()), httpx.put(f"{api}/v1/classify", headers=auth())):
+        assert response.status_code in (404, 405) and response.json()["error"]["message"] in ("Not Found", "Method Not Allowed")
     response = httpx.post(f"{api}/v1/replies", json={"message": "hi"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 

@@ -3,6 +3,7 @@ invalid) to every route must never get a 5xx."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,4 +23,7 @@ def test_no_server_errors_for_generated_requests(api, tmp_path):
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "not_a_server_error" in output
+    # schemathesis 4 names no check in its summary; it counts the cases it sent, so the run must
+    # have sent some and every one must have passed.
+    cases = re.search(r"Test cases:\s*(\d+) generated, (\d+) passed\s*\n", output)
+    assert cases and int(cases[1]) > 0 and cases[1] == cases[2], output[-4000:]
