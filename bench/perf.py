@@ -497,11 +497,13 @@ def _serving_rows(args, texts: list[str]) -> list[dict]:
     def chat(text: str, out: list[float]) -> None:
         t0 = time.perf_counter()
         reply_id = submit_message(f"{text} ({next(used)})", use_cache=False)
-        first = None
+        first, kind = None, None
         for _, kind, _ in stream_reply(client, reply_id):
-            if kind == "token" and first is None:
+            # The first text the customer sees; where no token streamed (the guard replaced a
+            # draft that streamed nothing), the reply that ends the stream. An error is a failure.
+            if kind in ("token", "done") and first is None:
                 first = (time.perf_counter() - t0) * 1000
-        out.append(first if first is not None else float("nan"))
+        out.append(first if first is not None and kind == "done" else float("nan"))
 
     chat("warm up", [])
     for level in args.levels:

@@ -88,7 +88,10 @@ def main() -> None:
         out.append(f"**Time to first token** after the models are loaded, in-process, `python -m bench latency` "
                    f"({latency['machine']['date']}): p50 {latency['first_token_ms_p50']:.0f} ms, p95 "
                    f"{latency['first_token_ms_p95']:.0f} ms over {latency['n']} messages (loading took "
-                   f"{latency['model_load_seconds']} s).\n")
+                   f"{latency['model_load_seconds']} s)"
+                   + (f"; {latency['first_text_in_the_final_reply']} of them streamed no token (the guard replaced a "
+                      f"draft that streamed nothing) and count the final reply" if "first_text_in_the_final_reply"
+                      in latency else "") + ".\n")
         held = latency.get("held_sentences")
         if held:
             out.append(f"The first text the customer sees, with sentences streamed as generated and held until the guard "
@@ -105,6 +108,10 @@ def main() -> None:
                    f"{n['celery_over_in_process']:.2f}× |")
         out.append(f"| first token p50 | {t['in_process_p50']:.0f} ms | {t['celery_p50']:.0f} ms | {t['added_p50']:+.0f} ms |")
         out.append(f"| first token p95 | {t['in_process_p95']:.0f} ms | {t['celery_p95']:.0f} ms | |\n")
+        if quoted := distributed.get("first_text_in_the_final_reply"):
+            out.append(f"A message whose reply streams no token (the guard replaced a draft that streamed nothing) "
+                       f"counts the final reply as its first text: {quoted['in_process']} in-process, "
+                       f"{quoted['celery']} through workers.\n")
     load_result = load("load")
     if load_result:
         r = load_result
