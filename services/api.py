@@ -59,8 +59,14 @@ class ChatRequest(BaseModel):
     user: str | None = None
 
 
+# What checked_message accepts, stated in the OpenAPI document (only stated: an over-long
+# message gets 413, not the validation error that max_length would give).
+MESSAGE_RULES = ("The customer's message: text with at least one printable character (control characters are "
+                 "dropped), at most TANDEM_MAX_MESSAGE_CHARS characters (413 beyond). An empty one gets 422.")
+
+
 class ReplyRequest(BaseModel):
-    message: str
+    message: str = Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})
     session_id: str | None = Field(default=None, max_length=200)
     use_cache: bool = True
 
@@ -70,7 +76,8 @@ class ClassifyRequest(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    query: str
+    query: str = Field(description=MESSAGE_RULES.replace("customer's message", "search query"),
+                       json_schema_extra={"minLength": 1})
     k: int = Field(default=3, ge=1, le=50)
     intents: list[str] | None = None
 

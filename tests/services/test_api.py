@@ -67,6 +67,16 @@ def test_chat_request_limits(api, body, status, code):
     assert response.json()["error"]["code"] == code
 
 
+def test_openapi_document_states_the_message_rules(api):
+    schemas = httpx.get(f"{api}/openapi.json").json()["components"]["schemas"]
+    for model, field in (("ReplyRequest", "message"), ("SearchRequest", "query")):
+        stated = schemas[model]["properties"][field]
+        assert stated["minLength"] == 1 and "TANDEM_MAX_MESSAGE_CHARS" in stated["description"], model
+    # and the API does what it states: a blank message is refused with 422
+    response = httpx.post(f"{api}/v1/replies", json={"message": " \x00 "}, headers=auth())
+    assert response.status_code == 422 and "empty" in response.json()["error"]["message"]
+
+
 def test_malformed_json_and_missing_key(api):
     response = httpx.post(f"{api}/v1/chat/completions", content=b"{not json", headers={**auth(), "Content-Type": "application/json"})
     assert response.status_code == 422
