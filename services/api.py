@@ -232,11 +232,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "rate_limit_error", "rate_limited"), headers={"Retry-After": retry})
         return digest[:16]
 
-    def checked_message(text: str) -> str:
+    def checked_message(text: str, where: str = "") -> str:
+        """``where`` names the text among several (``texts[3]: ``), so a caller can find it."""
         if len(text) > settings.max_message_chars:
-            raise api_error(413, f"message is {len(text)} characters; the limit is {settings.max_message_chars}",
-                            code="message_too_long")
-        return clean_message(text, settings.max_message_chars)
+            raise api_error(413, f"{where}message is {len(text)} characters; the limit is "
+                                 f"{settings.max_message_chars}", code="message_too_long")
+        try:
+            return clean_message(text, settings.max_message_chars)
+        except InputError as exc:
+            raise InputError(f"{where}{exc}") from None
 
     async def worker_result(async_result, what: str):
         try:
@@ -443,8 +447,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def classify(body: ClassifyRequest, _: str = Depends(authorised)) -> dict:
         from workers.tasks import understand_batch
 
-        for text in body.texts:
-            checked_message(text)
+        for i, text in enumerate(body.texts):
+            checked_message(text, where=f"texts[{i}]: ")
         tickets = [{"id": str(i), "text": t} for i, t in enumerate(body.texts)]
         rows = await worker_result(await asyncio.to_thread(understand_batch.delay, tickets), "nlu")
         keep = ("intent", "confidence", "top_intents", "escalate", "article_ids", "error")

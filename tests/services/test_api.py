@@ -207,6 +207,11 @@ def test_classify_and_search(api):
     classified = httpx.post(f"{api}/v1/classify", json={"texts": ["I forgot my passcode", "my PIN is blocked"]},
                             headers=auth(), timeout=60).json()["results"]
     assert [r["intent"] for r in classified] == ["passcode_forgotten", "pin_blocked"]
+    # one bad text among several: the error says which
+    blank = httpx.post(f"{api}/v1/classify", json={"texts": ["my PIN is blocked", " \t"]}, headers=auth())
+    assert blank.status_code == 422 and blank.json()["error"]["message"] == "texts[1]: message is empty"
+    long = httpx.post(f"{api}/v1/classify", json={"texts": ["x" * 100_000]}, headers=auth())
+    assert long.status_code == 413 and long.json()["error"]["message"].startswith("texts[0]: message is 100000 characters")
     found = httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery", "k": 2},
                        headers=auth(), timeout=60).json()["passages"]
     assert len(found) == 2 and {"article_id", "score", "text"} <= set(found[0])
