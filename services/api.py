@@ -61,8 +61,8 @@ class ChatRequest(BaseModel):
 
 # What checked_message accepts, stated in the OpenAPI document (only stated: an over-long
 # message gets 413, not the validation error that max_length would give).
-MESSAGE_RULES = ("The customer's message: text with at least one printable character (control characters are "
-                 "dropped), at most TANDEM_MAX_MESSAGE_CHARS characters (413 beyond). An empty one gets 422.")
+MESSAGE_RULES = ("Text with at least one printable character (control characters are dropped), at most "
+                 "TANDEM_MAX_MESSAGE_CHARS characters (413 beyond). An empty one gets 422.")
 
 
 class ReplyRequest(BaseModel):
@@ -76,8 +76,7 @@ class ClassifyRequest(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    query: str = Field(description=MESSAGE_RULES.replace("customer's message", "search query"),
-                       json_schema_extra={"minLength": 1})
+    query: str = Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})
     k: int = Field(default=3, ge=1, le=50)
     intents: list[str] | None = None
 
