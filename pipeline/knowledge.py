@@ -62,6 +62,9 @@ class Passage:
     text: str
     score: float
     intents: list[str] = field(default_factory=list)
+    # The passage begins its article, so its opening paragraph is the article's lead: a help
+    # article opens with the answer, which the guard completes a reply with first.
+    opens_article: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +208,7 @@ class KnowledgeIndex:
         self.vector_chunk: dict[int, int] = {}  # vector id -> chunk id
         self.article_vectors: dict[str, list[int]] = {}
         self._by_intent: dict[str, list[int]] | None = None  # see _intent_vectors
+        self._opening_chunks: set[int] | None = None  # see _openings
         self._next_id = 0
         self._faiss: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
@@ -260,7 +264,7 @@ class KnowledgeIndex:
                 self.vector_chunk[vector_id] = chunk_id
                 self.article_vectors.setdefault(self.chunks[chunk_id].article_id, []).append(vector_id)
             self._add(vectors, ids)
-        self._by_intent = None
+        self._by_intent = self._opening_chunks = None
         return counts
 
     def delete(self, article_ids: Iterable[str]) -> int:
@@ -277,7 +281,7 @@ class KnowledgeIndex:
         return self._next_id
 
     def _remove(self, article_id: str) -> None:
-        self._by_intent = None
+        self._by_intent = self._opening_chunks = None
         vector_ids = self.article_vectors.pop(article_id, [])
         if vector_ids:
             self._faiss.remove_ids(np.array(vector_ids, dtype=np.int64))
@@ -352,8 +356,19 @@ class KnowledgeIndex:
             chunk = self.chunks[chunk_id]
             article = self.articles[chunk.article_id]
             passages.append(Passage(article_id=article.id, title=article.title, url=article.url,
-                                    text=chunk.text, score=round(float(score), 4), intents=list(article.intents)))
+                                    text=chunk.text, score=round(float(score), 4), intents=list(article.intents),
+                                    opens_article=chunk_id in self._openings()))
         return passages
+
+    def _openings(self) -> set[int]:
+        """Ids of the chunks that begin their article: an article's chunks take ids in reading order."""
+        openings = self._opening_chunks
+        if openings is None:
+            first: dict[str, int] = {}
+            for chunk_id, chunk in self.chunks.items():
+                first[chunk.article_id] = min(chunk_id, first.get(chunk.article_id, chunk_id))
+            openings = self._opening_chunks = set(first.values())
+        return openings
 
     def _intent_vectors(self) -> dict[str, list[int]]:
         """Intent -> ids of the vectors of articles tagged with it (rebuilt after a change)."""

@@ -127,9 +127,10 @@ class Settings(BaseSettings):
 
     # Guard
     guard_similarity: float = 0.45
-    # A grounded reply is completed with those of the N help-centre sentences closest to the
-    # question that it leaves out (0: replies stay as generated). On the grounding set, 3 took
-    # key-fact recall after the guard from 50% to 65% (llama_cpp, 2026-11-22; see README).
+    # A grounded reply is completed with those of N help-centre sentences that it leaves out:
+    # the article's lead, then the sentences closest to the question (0: replies stay as
+    # generated). On the grounding set, 3 took key-fact recall after the guard from 50% to 65%
+    # (llama_cpp, 2026-11-22; see README).
     guard_complete_sentences: int = Field(default=3, ge=0, le=10)
     # Stop generating at the first sentence the guard rejects (the reply is then replaced
     # anyway): less of an unsupported draft is streamed, and its slot is free sooner.

@@ -7,6 +7,7 @@ from pipeline.guard import (
     GroundingGuard,
     durations_in,
     last_sentence_end,
+    lead,
     numbers_in,
     off_track,
     sentences,
@@ -104,6 +105,35 @@ def test_missing_sentences_are_the_closest_ones_the_reply_leaves_out(encoder):
         "Express delivery takes 1–2 working days.", question, DELIVERY) == ["A replacement card costs £5."]
     assert GroundingGuard(encoder.embed, complete_sentences=0).missing_sentences("Hi there friend.", question,
                                                                                  DELIVERY) == []
+
+
+ARTICLE_START = ("Express delivery costs £5. It takes 1–2 working days.\n\n## Recycling\n"
+                 "Our cards are made from recycled plastic. Return an old card to any branch for recycling.")
+
+
+def test_lead_is_the_opening_prose_of_a_passage_that_begins_its_article():
+    opening = Passage("cards", "Cards", "", ARTICLE_START, 1.0, opens_article=True)
+    assert lead(opening) == "Express delivery costs £5. It takes 1–2 working days."
+    assert lead(Passage("cards", "Cards", "", ARTICLE_START, 1.0)) == ""  # from further into the article
+    for text in ("## Delivery\nIt takes 1–2 days.", "- Standard: free\n- Express: £5"):
+        assert lead(Passage("cards", "Cards", "", text, 1.0, opens_article=True)) == ""
+
+
+def test_completion_says_the_lead_first_then_the_sentences_closest_to_the_question(encoder):
+    """A help article opens with its answer: a reply should say that whatever the question's
+    wording is closest to, then fill up with the closest sentences."""
+    question = "Can I recycle my old card?"
+    opening = [Passage("cards", "Cards", "", ARTICLE_START, 1.0, opens_article=True)]
+    further = [Passage("cards", "Cards", "", ARTICLE_START, 1.0)]
+    guard = GroundingGuard(encoder.embed, complete_sentences=3)
+    assert guard.completion_sentences(question, opening, 3) == [
+        "Express delivery costs £5.", "It takes 1–2 working days.", "Return an old card to any branch for recycling."]
+    assert guard.completion_sentences(question, opening, 1) == ["Express delivery costs £5."]
+    assert "Express delivery costs £5." not in guard.completion_sentences(question, further, 2)
+    # what the reply already says with its specifics is not said again
+    assert guard.missing_sentences("Express costs £5. It takes 1–2 working days.", question, opening) == \
+        ["Return an old card to any branch for recycling."]
+    assert guard.extractive_answer(question, opening, 2) == "Express delivery costs £5. It takes 1–2 working days."
 
 
 def test_specifics_are_numbers_and_app_path_steps():

@@ -109,6 +109,25 @@ def test_upsert_update_delete_and_version():
     assert hit.article_id == "a1" and hit.text == "new text 1" and hit.score == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_passage_says_whether_it_begins_its_article_after_updates_and_a_reload(tmp_path):
+    body = "\n\n".join(f"Paragraph {i}: " + " ".join(["word"] * 50) for i in range(3))
+    index = KnowledgeIndex(dim=8, encoder="fake", chunk_words=60)
+    index.upsert([Article(id="long", title="Long", body=body), make_article(1)], fake_embed)
+
+    def opening(text: str) -> bool:
+        return next(p for p in index.search(fake_embed([f"Long\n{text}"])[0], 5) if p.text == text).opens_article
+
+    chunks = chunk_article(index.articles["long"], 60)
+    assert [opening(c) for c in chunks] == [True, False, False]
+    # a new version of the article takes new chunk ids; its first chunk still opens it
+    index.upsert([Article(id="long", title="Long", body="New lead.\n\n" + body)], fake_embed)
+    chunks = chunk_article(index.articles["long"], 60)
+    assert chunks[0].startswith("New lead.") and [opening(c) for c in chunks] == [True, False, False]
+    index.save(tmp_path / "ix")
+    index = KnowledgeIndex.load(tmp_path / "ix")
+    assert [opening(c) for c in chunks] == [True, False, False]
+
+
 def test_intent_filter_keeps_only_tagged_articles():
     index = KnowledgeIndex(dim=8, encoder="fake")
     index.upsert([make_article(0, intents=("x",)), make_article(1, intents=("y",)), make_article(2, intents=("y",))],
