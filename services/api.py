@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import redis
 import redis.asyncio as aioredis
@@ -72,7 +72,8 @@ class ReplyRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
-    texts: list[str] = Field(min_length=1, max_length=256)
+    texts: list[Annotated[str, Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})]] = \
+        Field(min_length=1, max_length=256)
 
 
 class SearchRequest(BaseModel):

@@ -69,9 +69,10 @@ def test_chat_request_limits(api, body, status, code):
 
 def test_openapi_document_states_the_message_rules(api):
     schemas = httpx.get(f"{api}/openapi.json").json()["components"]["schemas"]
-    for model, field in (("ReplyRequest", "message"), ("SearchRequest", "query")):
-        stated = schemas[model]["properties"][field]
-        assert stated["minLength"] == 1 and "TANDEM_MAX_MESSAGE_CHARS" in stated["description"], model
+    stated_rules = [schemas["ReplyRequest"]["properties"]["message"], schemas["SearchRequest"]["properties"]["query"],
+                    schemas["ClassifyRequest"]["properties"]["texts"]["items"]]
+    for stated in stated_rules:
+        assert stated["minLength"] == 1 and "TANDEM_MAX_MESSAGE_CHARS" in stated["description"], stated
     # and the API does what it states: a blank message is refused with 422
     response = httpx.post(f"{api}/v1/replies", json={"message": " \x00 "}, headers=auth())
     assert response.status_code == 422 and "empty" in response.json()["error"]["message"]
