@@ -126,9 +126,9 @@ def quiet() -> None:
 
 def bench_intents(args) -> None:
     """BANKING77 test accuracy for the training methods that fit this machine's time budget."""
+    from pipeline.chain import serving_encoder
     from pipeline.classifier import IntentClassifier, TrainConfig, evaluate
     from pipeline.data_io import read_labelled_csv
-    from pipeline.encoder import SentenceEncoder
     from pipeline.settings import PACKAGE_DATA, Settings
 
     settings = Settings()
@@ -136,7 +136,7 @@ def bench_intents(args) -> None:
     test = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
     rows = []
     for method, lexical in [("head", False), ("head", True), *[(m, True) for m in args.encoder_methods]]:
-        encoder = SentenceEncoder(settings.encoder)
+        encoder = serving_encoder(settings, method)  # what the pipeline would serve this model with
         started = time.perf_counter()
         model = IntentClassifier.train(encoder, *train, TrainConfig(method=method, lexical=lexical, epochs=args.epochs))
         seconds = time.perf_counter() - started
@@ -144,7 +144,7 @@ def bench_intents(args) -> None:
         rows.append({"method": method, "lexical": lexical, "train_seconds": round(seconds, 1),
                      "lexical_weight": model.lexical_weight, **report})
         print(rows[-1], flush=True)
-    shipped, _ = evaluate(IntentClassifier.load(settings.resolved_intent_model), SentenceEncoder(settings.encoder), *test)
+    shipped, _ = evaluate(IntentClassifier.load(settings.resolved_intent_model), serving_encoder(settings), *test)
     save("intents", {"dataset": "BANKING77 test (3,080)", "shipped_model": shipped, "rows": rows})
 
 

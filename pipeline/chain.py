@@ -14,10 +14,12 @@ for the article's steps, gets one more chance before the reply quotes the articl
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -132,14 +134,8 @@ class HybridPipeline:
     def from_settings(cls, settings: Settings | None = None, progress: Progress | None = None,
                       load_responder: bool = True) -> HybridPipeline:
         settings = settings or Settings()
-        encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                                  settings.encoder_max_length)
+        encoder = serving_encoder(settings)
         classifier = load_intent_model(settings, encoder, progress)
-        if settings.encoder_device == "cpu" and classifier.method == "head":  # measured for this model only
-            onnx = settings.encoder_onnx_int8 and encoder.use_onnx_int8(settings.data_dir / "models",
-                                                                        settings.encoder_threads)
-            if settings.encoder_int8_attention and not onnx:
-                encoder.quantize_attention()
         index = load_or_build_index(settings, encoder, progress)
         limits = GenerationLimits(settings.max_tokens, settings.temperature, settings.stop, settings.timeout_s,
                                   settings.repeat_penalty)
@@ -339,13 +335,49 @@ class HybridPipeline:
 
 # ---------------------------------------------------------------------- defaults
 
-def load_intent_model(settings: Settings, encoder: SentenceEncoder, progress: Progress | None = None) -> IntentClassifier:
-    """The configured intent model; the shipped default is trained on first use if absent."""
+def serving_encoder(settings: Settings, method: str | None = None) -> SentenceEncoder:
+    """The sentence encoder as the pipeline runs it for an intent model trained by ``method``
+    (default: the configured model's). On a CPU a head-only model reads its vectors from ONNX
+    Runtime with int8 weights (or torch with int8 attention); the other methods change the
+    encoder's weights, so they stay on torch. Train and evaluate a head on this encoder, so its
+    fusion weight, temperature and threshold are fitted to the vectors it is served (README,
+    "Intent accuracy")."""
+    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
+                              settings.encoder_max_length)
+    if settings.encoder_device == "cpu" and (method or intent_model_method(settings)) == "head":  # measured for it only
+        onnx = settings.encoder_onnx_int8 and encoder.use_onnx_int8(settings.data_dir / "models",
+                                                                    settings.encoder_threads)
+        if settings.encoder_int8_attention and not onnx:
+            encoder.quantize_attention()
+    return encoder
+
+
+def intent_model_path(settings: Settings) -> Path:
+    """The configured intent model's folder; without one, the shipped model, or where the default
+    is trained on first use when the installed package lacks it."""
     path = settings.resolved_intent_model
     if settings.intent_model is None and not (path / "config.json").is_file():
-        path = settings.data_dir / "models" / "intents-banking77"
-        if not (path / "config.json").is_file():
-            train_default_intent_model(encoder, path, progress)
+        return settings.data_dir / "models" / "intents-banking77"
+    return path
+
+
+def intent_model_method(settings: Settings) -> str:
+    """How the configured intent model was trained, read from its config without loading it;
+    "" where there is no readable config (loading the model then says what is wrong)."""
+    config = intent_model_path(settings) / "config.json"
+    if settings.intent_model is None and not config.is_file():
+        return DEFAULT_TRAINING["method"]
+    try:
+        return str(json.loads(config.read_text(encoding="utf-8")).get("method", ""))
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return ""
+
+
+def load_intent_model(settings: Settings, encoder: SentenceEncoder, progress: Progress | None = None) -> IntentClassifier:
+    """The configured intent model; the shipped default is trained on first use if absent."""
+    path = intent_model_path(settings)
+    if settings.intent_model is None and not (path / "config.json").is_file():
+        train_default_intent_model(encoder, path, progress)
     classifier = IntentClassifier.load(path)
     classifier.attach_encoder(encoder)
     return classifier

@@ -312,7 +312,7 @@ class IntentClassifier:
         model.metrics = {"method": config.method, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
                          "val_accuracy": val_acc, "lexical_weight": model.lexical_weight,
                          "temperature": model.temperature, "oos_threshold": model.oos_threshold,
-                         "refit_on_all_rows": refit,
+                         "refit_on_all_rows": refit, "encoder_runtime": encoder.runtime,
                          "train_seconds": round(time.perf_counter() - started, 1),
                          "config": asdict(config), "artifact_id": f"{int(time.time())}-{config.seed}"}
         if out is not None:

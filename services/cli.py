@@ -105,17 +105,16 @@ def train_intents(
     max_train: Annotated[int | None, typer.Option("--max-train", help="use at most this many rows")] = None,
 ) -> None:
     """Train an intent classifier from a CSV."""
+    from pipeline.chain import serving_encoder
     from pipeline.classifier import METHODS, IntentClassifier, TrainConfig
     from pipeline.data_io import read_labelled_csv
-    from pipeline.encoder import SentenceEncoder
 
     if method not in METHODS:
         raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
     texts, labels = read_labelled_csv(train_csv, text_col, label_col)
     settings = _settings()
     _quiet_libraries()
-    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length)
+    encoder = serving_encoder(settings, method)
     config = TrainConfig(method=method, val_split=val_split, lexical=lexical, epochs=epochs, seed=seed,
                          oos_label=settings.oos_label, max_train=max_train)
     with progress_bars() as progress:
@@ -135,18 +134,16 @@ def eval_intents(
     plot: Annotated[Path | None, typer.Option("--plot", help="write a confusion-matrix PNG here")] = None,
 ) -> None:
     """Accuracy, macro-F1 and out-of-scope figures of an intent model on labelled data."""
-    from pipeline.chain import load_intent_model
+    from pipeline.chain import load_intent_model, serving_encoder
     from pipeline.classifier import evaluate
     from pipeline.data_io import read_labelled_csv
-    from pipeline.encoder import SentenceEncoder
 
     texts, labels = read_labelled_csv(test_csv, text_col, label_col)
     settings = _settings()
     if model is not None:
         settings.intent_model = model
     _quiet_libraries()
-    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length)
+    encoder = serving_encoder(settings)  # the figures are those of the model as the pipeline serves it
     with progress_bars() as progress:
         classifier = load_intent_model(settings, encoder, progress)
         report, predicted = evaluate(classifier, encoder, texts, labels,

@@ -362,3 +362,20 @@ def test_without_onnx_the_attention_runs_in_int8_in_torch_and_that_can_be_turned
     assert quantized and all(".attention." in f".{name}." for name in quantized)
     plain = build(encoder_onnx_int8=False, encoder_int8_attention=False)
     assert plain.encoder.runtime == "torch" and not _quantized(plain.encoder.model)
+
+
+def test_the_encoder_served_follows_how_the_intent_model_was_trained(settings, tmp_path):
+    """A head reads the int8 encoder's vectors, so it is trained and evaluated on them too; a
+    model that changed the encoder's weights runs on torch."""
+    import json
+
+    from pipeline.chain import intent_model_method, serving_encoder
+
+    assert intent_model_method(settings) == "head"  # the shipped model
+    assert json.loads((PACKAGE_DATA / "models" / "intents-banking77" / "metrics.json").read_text())[
+        "encoder_runtime"] == serving_encoder(settings).runtime == "onnxruntime-int8"
+    assert serving_encoder(settings, "finetune").runtime == "torch"
+    (tmp_path / "config.json").write_text(json.dumps({"method": "lora"}))
+    assert intent_model_method(settings.model_copy(update={"intent_model": tmp_path})) == "lora"
+    (tmp_path / "config.json").write_text("{broken")
+    assert intent_model_method(settings.model_copy(update={"intent_model": tmp_path})) == ""

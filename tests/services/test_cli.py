@@ -74,6 +74,8 @@ def test_train_and_eval_on_a_small_csv(tmp_path):
     trained = run(["train-intents", str(tmp_path / "train.csv"), "--out", str(tmp_path / "model")], tmp_path)
     assert trained.returncode == 0, trained.stderr.decode()
     assert (tmp_path / "model" / "config.json").is_file()
+    # a head is fitted to the vectors the pipeline will serve it, from the int8 encoder
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text())["encoder_runtime"] == "onnxruntime-int8"
     (tmp_path / "test.csv").write_text("utterance,intent\nmy card has not come,card_arrival\n"
                                        "what rate for euros,exchange_rate\n")
     evaluated = run(["eval-intents", str(tmp_path / "test.csv"), "--model", str(tmp_path / "model"),
