@@ -126,7 +126,7 @@ def quiet() -> None:
 
 def bench_intents(args) -> None:
     """BANKING77 test accuracy for the training methods that fit this machine's time budget."""
-    from pipeline.chain import serving_encoder
+    from pipeline.chain import load_intent_model, serving_encoder
     from pipeline.classifier import IntentClassifier, TrainConfig, evaluate
     from pipeline.data_io import read_labelled_csv
     from pipeline.settings import PACKAGE_DATA, Settings
@@ -144,7 +144,8 @@ def bench_intents(args) -> None:
         rows.append({"method": method, "lexical": lexical, "train_seconds": round(seconds, 1),
                      "lexical_weight": model.lexical_weight, **report})
         print(rows[-1], flush=True)
-    shipped, _ = evaluate(IntentClassifier.load(settings.resolved_intent_model), serving_encoder(settings), *test)
+    encoder = serving_encoder(settings)  # the shipped model as `tandem eval-intents` measures it
+    shipped, _ = evaluate(load_intent_model(settings, encoder), encoder, *test)
     save("intents", {"dataset": "BANKING77 test (3,080)", "shipped_model": shipped, "rows": rows})
 
 
