@@ -136,6 +136,16 @@ def test_ask_with_a_corrupt_index_is_a_clear_error(tmp_path):
     assert_clean_error(env_run, "corrupt")
 
 
+def test_eval_with_a_missing_or_corrupt_model_is_a_clear_error(tmp_path):
+    """The encoder is chosen from the model's config before the model loads; a model folder
+    without a readable one still gets the loader's error, not a traceback."""
+    (tmp_path / "t.csv").write_text("text,label\nhi,a\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{broken")
+    for model, message in ((tmp_path / "missing", "config.json missing"), (tmp_path / "broken", "is corrupt")):
+        assert_clean_error(run(["eval-intents", str(tmp_path / "t.csv"), "--model", str(model)], tmp_path), message)
+
+
 def test_train_rejects_an_unknown_method(tmp_path):
     (tmp_path / "t.csv").write_text("text,label\nhi,a\nho,b\n")
     result = run(["train-intents", str(tmp_path / "t.csv"), "--out", str(tmp_path / "m"), "--method", "bogus"], tmp_path)
