@@ -59,7 +59,7 @@ def _index(settings: Settings) -> KnowledgeIndex:
     from pipeline.encoder import SentenceEncoder
 
     encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length)
+                              settings.encoder_max_length, settings.encoder_batch_tokens)
     return load_or_build_index(settings, encoder)
 
 

@@ -299,6 +299,7 @@ def nlu_table(nlu: dict) -> list[str]:
     naive = r["naive"]["tickets_per_s"]
     names = {"ours": "Tandem as shipped (batched, ONNX Runtime, int8 weights)",
              "ours_length_sorted": "the same, tickets length-sorted into chunks as a batch job cuts them",
+             "ours_batches_by_count": "the same, encoder batches of 8 messages whatever their length (before 2026-12-02)",
              "ours_one_batch_at_a_time": "the same, one encoder batch of 16 at a time on every core (before 2026-12-01)",
              "ours_int8_attention": "Tandem (batched, torch, attention in int8)", "ours_fp32": "Tandem (batched, torch fp32)",
              "ours_int8": "Tandem (batched, torch, int8 dynamic everywhere)",
@@ -312,6 +313,13 @@ def nlu_table(nlu: dict) -> list[str]:
     if "length_sorted_over_arrival" in ratios:
         out.append(f" A batch job's length-sorted chunks: {ratios['length_sorted_over_arrival']}× arrival order, "
                    f"{ratios['length_sorted_over_naive']}× naive.")
+    if "token_budget_over_by_count" in ratios:
+        out.append(f" Encoder batches under a budget of padded tokens: {ratios['token_budget_over_by_count']}× "
+                   "batches cut by count alone.")
+    if nlu.get("sample_tickets_encoder"):
+        t = nlu["sample_tickets_encoder"]
+        out.append(f" The encoder alone on the {t['n']} sample tickets (lengths up to the 128-token limit), chunks of 64: "
+                   f"{t['token_budget']} messages/s under the token budget against {t['by_count']} by count ({t['ratio']}×).")
     if "side_by_side_over_one_at_a_time" in ratios:
         out.append(f" Encoder batches side by side, one thread each: {ratios['side_by_side_over_one_at_a_time']}× "
                    "one batch at a time on every core.")

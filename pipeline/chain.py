@@ -105,7 +105,9 @@ def clean_message(message: str | bytes, max_chars: int) -> str:
             raise InputError(f"message is not valid UTF-8 (byte {exc.start})") from None
     if not isinstance(message, str):
         raise InputError("message must be text")
-    message = "".join(ch for ch in message if ch.isprintable() or ch in "\n\t").strip()
+    if not message.isprintable():  # the common case skips this walk over every character
+        message = "".join(ch for ch in message if ch.isprintable() or ch in "\n\t")
+    message = message.strip()
     if not message:
         raise InputError("message is empty")
     if len(message) > max_chars:
@@ -343,7 +345,7 @@ def serving_encoder(settings: Settings, method: str | None = None) -> SentenceEn
     fusion weight, temperature and threshold are fitted to the vectors it is served (README,
     "Intent accuracy")."""
     encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length)
+                              settings.encoder_max_length, settings.encoder_batch_tokens)
     if settings.encoder_device == "cpu" and (method or intent_model_method(settings)) == "head":  # measured for it only
         onnx = settings.encoder_onnx_int8 and encoder.use_onnx_int8(settings.data_dir / "models",
                                                                     settings.encoder_threads)

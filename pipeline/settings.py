@@ -42,11 +42,15 @@ class Settings(BaseSettings):
     # BERT side
     encoder: str = Field(default_factory=bundled_encoder_path)
     encoder_device: str = "cpu"
-    # Small batches of length-sorted messages pad least: on chunks of 64 tickets, 16 ran at
-    # 106 sentences/s against 55 for 64 (torch, 2 cores, 2026-11-22). With ONNX Runtime's
-    # batches run side by side, one per core, 8 ran 1.2x as fast as 16 and 4 about as fast
-    # as 8 (NLU tickets/s, 2 cores without VNNI, 2026-12-01), at the same accuracy.
+    # Messages sorted by token length, cut into batches of at most encoder_batch_size messages and
+    # encoder_batch_tokens padded tokens, so a 100-token message does not make its batch-mates
+    # cost as much as itself. On the 200 sample tickets, whose lengths vary more than BANKING77's,
+    # the budget doubled the encoder's messages/s; on BANKING77 it changed NLU tickets/s little
+    # (bench nlu). Batches stay small because the int8 encoder quantizes each batch's activations
+    # with one scale: batches of up to 32 messages ran 1.1x as fast but cost 0.2 points of
+    # BANKING77 accuracy (exploratory, AVX-512 VNNI, 2026-12-02). On a GPU, raise both.
     encoder_batch_size: int = 8
+    encoder_batch_tokens: int = 128
     encoder_max_length: int = 128
     # Cores the encoder computes on in a worker (default: every core): torch's threads, or
     # with ONNX Runtime how many one-thread batches run at once.

@@ -198,7 +198,7 @@ def index(
     settings = _settings()
     _quiet_libraries()
     encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length)
+                              settings.encoder_max_length, settings.encoder_batch_tokens)
     if (out / "meta.json").is_file():
         knowledge = KnowledgeIndex.load(out)
     else:

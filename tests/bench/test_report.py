@@ -80,3 +80,18 @@ def test_the_nlu_block_sets_each_row_against_the_naive_loop_and_the_encoder_agai
     assert "Encoder batches side by side, one thread each: 1.26× one batch at a time" in text
     older = {**nlu, "ratios": {"ours_over_naive": 7.88, "ours_over_haystack": 14.52}}  # a run before the A/B row
     assert "side by side" not in "\n".join(nlu_table(older))
+
+
+def test_the_nlu_block_reports_the_token_budget_against_batches_cut_by_count():
+    row = {"accuracy": 0.93, "n": 1024}
+    nlu = {"machine": {"date": "2026-12-02 13:15 UTC", "cores": 2, "cpu": "Xeon"},
+           "rows": {"ours": {**row, "tickets_per_s": 515.4}, "ours_batches_by_count": {**row, "tickets_per_s": 483.9},
+                    "naive": {**row, "tickets_per_s": 49.61, "n": 200}},
+           "ratios": {"ours_over_naive": 10.39, "ours_over_haystack": 19.51, "token_budget_over_by_count": 1.07},
+           "sample_tickets_encoder": {"n": 200, "token_budget": 666.7, "by_count": 317.4, "ratio": 2.1}}
+    text = "\n".join(nlu_table(nlu))
+    assert "encoder batches of 8 messages whatever their length (before 2026-12-02) | 483.9 | 9.8× |" in text
+    assert "under a budget of padded tokens: 1.07× batches cut by count alone" in text
+    assert "666.7 messages/s under the token budget against 317.4 by count (2.1×)" in text
+    del nlu["sample_tickets_encoder"]  # a run from before the measurement says nothing of it
+    assert "sample tickets" not in "\n".join(nlu_table(nlu))

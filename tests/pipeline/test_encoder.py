@@ -83,3 +83,24 @@ def test_onnx_batches_run_side_by_side_with_the_vectors_of_one_run_after_another
         parts = list(callers.map(lambda i: pooled.encode(texts[i::4]), [0, 1, 2, 3] * 3))
     for i, part in enumerate(parts):
         assert np.array_equal(part, serial.encode(texts[i % 4::4]))
+
+
+def test_batches_keep_under_the_token_budget_and_cover_every_message_once(encoder):
+    from pipeline.encoder import SentenceEncoder
+
+    texts = ["hi", "my card was declined at the shop " * 6, "card", "where is my transfer?", "ok", "refund " * 40]
+    budgeted = SentenceEncoder(encoder.model_name, batch_size=3, batch_tokens=24)
+    batches = budgeted.batches(texts)
+    lengths = {i: len(encoder.tokenizer(t)["input_ids"]) for i, t in enumerate(texts)}
+    assert sorted(i for rows, _ in batches for i in rows) == list(range(len(texts)))
+    widths = [arrays["input_ids"].shape[1] for _, arrays in batches]
+    assert widths == sorted(widths, reverse=True)  # longest first
+    for rows, arrays in batches:
+        assert len(rows) <= 3
+        assert len(rows) == 1 or arrays["input_ids"].size <= 24  # only a message alone may exceed the budget
+        assert arrays["attention_mask"].sum(axis=1).tolist() == [lengths[i] for i in rows]
+    # The two long messages (over 24 tokens) get a batch each; the short ones are not padded to them.
+    assert [len(rows) for rows, _ in batches][:2] == [1, 1]
+    # In fp32 a batch's padding does not change a vector: the budget changes the cost, not the result.
+    assert np.allclose(budgeted.encode(texts), encoder.encode(texts), atol=1e-5)
+    assert np.allclose(budgeted.encode(texts), np.concatenate([encoder.encode([t]) for t in texts]), atol=1e-5)
