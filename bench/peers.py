@@ -58,8 +58,7 @@ def _index(settings: Settings) -> KnowledgeIndex:
     from pipeline.chain import load_or_build_index
     from pipeline.encoder import SentenceEncoder
 
-    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length, settings.encoder_batch_tokens)
+    encoder = SentenceEncoder.from_settings(settings)
     return load_or_build_index(settings, encoder)
 
 

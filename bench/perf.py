@@ -74,8 +74,8 @@ def _int8_everywhere(pipeline) -> None:
 
 
 def _batches_by_count(pipeline) -> None:
-    """The encoder's batches as cut before 2026-12-02: 8 messages each, whatever their length,
-    without the budget of padded tokens."""
+    """The encoder's batches as cut before 2026-12-02: TANDEM_ENCODER_BATCH_SIZE messages each
+    (8 by default), whatever their length, without the budget of padded tokens."""
     pipeline.encoder.batch_tokens = 0
 
 
@@ -83,8 +83,9 @@ def _encoder_on_sample_tickets(shipped, by_count) -> dict:
     """Encoder messages/s on the 200 sample tickets, chunks of 64, with and without the token
     budget: their lengths vary more than BANKING77's (up to the 128-token limit)."""
     from pipeline.settings import PACKAGE_DATA
+    from workers.batch import read_tickets
 
-    texts = [json.loads(line)["text"] for line in (PACKAGE_DATA / "tickets.jsonl").read_text().splitlines() if line]
+    texts = [ticket["text"] for ticket in read_tickets(PACKAGE_DATA / "tickets.jsonl")]
     best = {"token_budget": 0.0, "by_count": 0.0}
     for _ in range(3):  # alternated, best of three
         for name, pipeline in (("token_budget", shipped), ("by_count", by_count)):

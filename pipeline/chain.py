@@ -344,8 +344,7 @@ def serving_encoder(settings: Settings, method: str | None = None) -> SentenceEn
     encoder's weights, so they stay on torch. Train and evaluate a head on this encoder, so its
     fusion weight, temperature and threshold are fitted to the vectors it is served (README,
     "Intent accuracy")."""
-    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length, settings.encoder_batch_tokens)
+    encoder = SentenceEncoder.from_settings(settings)
     if settings.encoder_device == "cpu" and (method or intent_model_method(settings)) == "head":  # measured for it only
         onnx = settings.encoder_onnx_int8 and encoder.use_onnx_int8(settings.data_dir / "models",
                                                                     settings.encoder_threads)

@@ -22,12 +22,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from pipeline.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,13 @@ class SentenceEncoder:
         # (the ONNX path's pool bounds its runs instead).
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # several threads may call encode at once
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SentenceEncoder:
+        """The configured encoder on torch, batched as the settings say (the pipeline's runtime
+        on top of it is pipeline.chain.serving_encoder's choice)."""
+        return cls(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
+                   settings.encoder_max_length, settings.encoder_batch_tokens)
 
     @property
     def dim(self) -> int:

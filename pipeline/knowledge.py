@@ -353,8 +353,10 @@ class KnowledgeIndex:
         passages: list[Passage] = []
         seen: set[int] = set()
         for score, vector_id in zip(scores, vector_ids):
-            chunk_id = self.vector_chunk.get(vector_id) if vector_id >= 0 else None
-            if chunk_id is None or chunk_id in seen:
+            if vector_id < 0:  # fewer vectors than asked for
+                continue
+            chunk_id = self.vector_chunk[vector_id]
+            if chunk_id in seen:
                 continue
             seen.add(chunk_id)
             chunk = self.chunks[chunk_id]

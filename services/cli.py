@@ -197,8 +197,7 @@ def index(
     articles = load_articles(kb_dir)
     settings = _settings()
     _quiet_libraries()
-    encoder = SentenceEncoder(settings.encoder, settings.encoder_device, settings.encoder_batch_size,
-                              settings.encoder_max_length, settings.encoder_batch_tokens)
+    encoder = SentenceEncoder.from_settings(settings)
     if (out / "meta.json").is_file():
         knowledge = KnowledgeIndex.load(out)
     else:
