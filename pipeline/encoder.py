@@ -51,6 +51,9 @@ def onnx_session(path: Path | str, threads_per_run: int):
 class SentenceEncoder:
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16, max_length: int = 128,
                  batch_tokens: int = 0):
+        if batch_size < 1 or batch_tokens < 0:
+            raise ValueError(f"an encoder batch needs batch_size >= 1 and batch_tokens >= 0 "
+                             f"(got {batch_size} and {batch_tokens})")
         self.model_name = model
         self.device = device
         self.batch_size = batch_size  # messages in a batch, at most

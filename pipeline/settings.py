@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     # (bench nlu). Batches stay small because the int8 encoder quantizes each batch's activations
     # with one scale: batches of up to 32 messages ran 1.1x as fast but cost 0.2 points of
     # BANKING77 accuracy (exploratory, AVX-512 VNNI, 2026-12-02). On a GPU, raise both.
-    encoder_batch_size: int = 8
-    encoder_batch_tokens: int = 128
+    encoder_batch_size: int = Field(default=8, ge=1)
+    encoder_batch_tokens: int = Field(default=128, ge=0)
     encoder_max_length: int = 128
     # Cores the encoder computes on in a worker (default: every core): torch's threads, or
     # with ONNX Runtime how many one-thread batches run at once.

@@ -104,3 +104,14 @@ def test_batches_keep_under_the_token_budget_and_cover_every_message_once(encode
     # In fp32 a batch's padding does not change a vector: the budget changes the cost, not the result.
     assert np.allclose(budgeted.encode(texts), encoder.encode(texts), atol=1e-5)
     assert np.allclose(budgeted.encode(texts), np.concatenate([encoder.encode([t]) for t in texts]), atol=1e-5)
+
+
+def test_an_encoder_built_in_code_refuses_batches_that_could_never_be_cut():
+    import pytest
+
+    from pipeline.encoder import SentenceEncoder
+
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        SentenceEncoder("any", batch_size=0)
+    with pytest.raises(ValueError, match="batch_tokens >= 0"):
+        SentenceEncoder("any", batch_tokens=-1)

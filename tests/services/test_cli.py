@@ -159,6 +159,8 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_RESPONDER_GPU_LAYERS", "-2", "TANDEM_RESPONDER_GPU_LAYERS: Input should be greater than or equal to -1"),
     ("TANDEM_ENCODER_INT8_ATTENTION", "sometimes", "TANDEM_ENCODER_INT8_ATTENTION: Input should be a valid boolean"),
     ("TANDEM_ENCODER_ONNX_INT8", "perhaps", "TANDEM_ENCODER_ONNX_INT8: Input should be a valid boolean"),
+    ("TANDEM_ENCODER_BATCH_SIZE", "0", "TANDEM_ENCODER_BATCH_SIZE: Input should be greater than or equal to 1"),
+    ("TANDEM_ENCODER_BATCH_TOKENS", "-1", "TANDEM_ENCODER_BATCH_TOKENS: Input should be greater than or equal to 0"),
     ("TANDEM_RESPONDER_CPU_WEIGHTS", "int4",
      "TANDEM_RESPONDER_CPU_WEIGHTS: Input should be 'auto', 'bf16', 'q8_0' or 'file'"),
     ("TANDEM_RESPONDER_PREFIX_CACHE_MB", "-1",
