@@ -206,6 +206,7 @@ def bench_oos(args) -> None:
 def bench_grounding(args) -> None:
     """Key-fact recall and unsupported numbers per backend, before and after the guard."""
     from pipeline.evaluation import grounding_eval, load_questions
+    from pipeline.llama_cpp_backend import weights_for_plain_llama_cpp
     from pipeline.settings import PACKAGE_DATA, Settings
 
     questions = load_questions(PACKAGE_DATA / "eval" / "grounding.jsonl")[: args.limit]
@@ -216,7 +217,8 @@ def bench_grounding(args) -> None:
         overrides: dict = {"responder_backend": backend, "guard_stop_early": False}
         if backend == "openai":  # llama.cpp's OpenAI-compatible server on the same GGUF
             port = 8765
-            server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", Settings().responder_model,
+            model = weights_for_plain_llama_cpp(Settings().responder_model, Settings().data_dir / "models")
+            server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model,
                                        "--port", str(port), "--n_ctx", "2048"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             overrides.update(openai_base_url=f"http://127.0.0.1:{port}/v1", responder_model="smollm2")

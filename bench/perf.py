@@ -245,7 +245,7 @@ def _llama_cpp_alone(llm, prompts: list[list[dict]], max_tokens: int) -> dict:
 def bench_decode(args) -> None:
     from llama_cpp import Llama
 
-    from pipeline.llama_cpp_backend import LlamaCppBackend
+    from pipeline.llama_cpp_backend import LlamaCppBackend, weights_for_plain_llama_cpp
     from pipeline.settings import Settings
 
     settings = Settings()
@@ -261,7 +261,9 @@ def bench_decode(args) -> None:
         workloads = _prompts(n)
         if args.prompts:
             args.prompts.write_text(json.dumps(workloads))
-    llm = Llama(model_path=settings.responder_model, n_ctx=2048, n_threads=threads, n_gpu_layers=args.gpu_layers,
+    # The configured file, as a user would run it (its BF16 copy where llama.cpp's AMX buffers crash).
+    plain = weights_for_plain_llama_cpp(settings.responder_model, settings.data_dir / "models")
+    llm = Llama(model_path=plain, n_ctx=2048, n_threads=threads, n_gpu_layers=args.gpu_layers,
                 verbose=False)
     def batcher(cpu_weights: str) -> LlamaCppBackend:
         engine = LlamaCppBackend(settings.responder_model, threads=threads, slots=max(args.levels),
@@ -306,7 +308,7 @@ def bench_decode(args) -> None:
         if others:
             results[name]["weights"] = _weights_ab(engine, others, prompts, args)
     save(args.out, {"model": Path(settings.responder_model).name, "weights": Path(engine.weights_path).name,
-                    "threads": threads, "max_tokens": args.max_tokens,
+                    "llama_cpp_alone_weights": Path(plain).name, "threads": threads, "max_tokens": args.max_tokens,
                     "gpu_layers": args.gpu_layers, "gpu": _gpu_name() if args.gpu_layers else None,
                     "workloads": results})
 

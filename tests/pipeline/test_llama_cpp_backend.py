@@ -15,8 +15,10 @@ from pipeline.llama_cpp_backend import (
     LlamaCppBackend,
     _common_length,
     cpu_weights_for_this_machine,
+    extra_buffers_safe,
     gguf_file_type,
     weights_copy,
+    weights_for_plain_llama_cpp,
 )
 from pipeline.responder import GenerationLimits, build_messages
 from pipeline.settings import PACKAGE_DATA
@@ -266,6 +268,22 @@ def test_auto_takes_bf16_only_where_llama_cpp_has_bfloat16_kernels(monkeypatch):
         monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda info=info: info)
         assert cpu_weights_for_this_machine() == expected
         assert LlamaCppBackend("m.gguf", cpu_weights="auto", copies_dir=Path("x")).cpu_weights == expected
+
+
+def test_plain_llama_cpp_gets_the_bf16_copy_only_where_its_amx_buffers_would_crash(settings, monkeypatch):
+    """Where the build runs AMX, the batcher keeps weights out of llama.cpp's extra buffers
+    (the Q4_1 file then decodes: every test above does so on such a machine), and a plain
+    llama.cpp, which cannot be told to, is given the BF16 copy, which AMX does not take."""
+    import llama_cpp
+
+    copies = settings.data_dir / "models"
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX512 = 1 | AVX512_BF16 = 1 |")
+    assert extra_buffers_safe()
+    assert weights_for_plain_llama_cpp(settings.responder_model, copies) == settings.responder_model
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX512_BF16 = 1 | AMX_INT8 = 1 |")
+    assert not extra_buffers_safe()
+    served = weights_for_plain_llama_cpp(settings.responder_model, copies)
+    assert served.endswith(".bf16.gguf") and gguf_file_type(served) == 32  # LLAMA_FTYPE_MOSTLY_BF16
 
 
 def test_without_a_writable_cache_the_original_file_is_served(settings, tmp_path, caplog):

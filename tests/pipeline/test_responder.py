@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.errors import ModelLoadError, ResponderError
 from pipeline.knowledge import Passage
+from pipeline.llama_cpp_backend import weights_for_plain_llama_cpp
 from pipeline.responder import (
     GenerationLimits,
     LlamaCppBackend,
@@ -84,7 +85,8 @@ def test_missing_gguf_is_a_clear_error(tmp_path):
 def openai_server(settings):
     """llama.cpp's own OpenAI-compatible server on the bundled model: a real server, a private port."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", settings.responder_model,
+    model = weights_for_plain_llama_cpp(settings.responder_model, settings.data_dir / "models")
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model,
                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
