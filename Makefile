@@ -35,10 +35,12 @@ lint: install
 # The `bench` extra adds the peers the performance figures compare against (Haystack 2).
 bench: install
 	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
-	for b in intents retrieval latency grounding distributed nlu decode e2e serving hardware; do \
+	for b in intents retrieval oos latency grounding distributed nlu decode e2e serving hardware; do \
 	  HF_HUB_OFFLINE=1 $(PY) -m bench $$b || exit 1; done
 	TANDEM_RESPONDER_CPU_WEIGHTS=file HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_q4_1
 	TANDEM_RESPONDER_PREFIX_CACHE_MB=0 HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_no_prefix_cache
+	HF_HUB_OFFLINE=1 $(PY) -m bench priority
+	TANDEM_GEN_POOL=threads HF_HUB_OFFLINE=1 $(PY) -m bench priority --out priority_threads
 	HF_HUB_OFFLINE=1 $(PY) -m bench.peft
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load
 	TANDEM_GEN_POOL=threads HF_HUB_OFFLINE=1 $(PY) -m bench.load --out load_threads

@@ -450,6 +450,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", type=result_name, default="serving", help="result name under bench/results/")
+    p = sub.add_parser("priority")
+    p.add_argument("--tickets", type=int, default=128, help="tickets in the job (drafted)")
+    p.add_argument("--chats", type=int, default=4, help="chats sent at once while the job's drafts are queued")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", type=result_name, default="priority", help="result name under bench/results/")
     sub.add_parser("hardware")
     sub.add_parser("report")
     args = parser.parse_args()
@@ -461,6 +467,10 @@ def main() -> None:
         # The same serving run on the GGUF as it ships, to weigh the copy the gen worker serves.
         subprocess.run([sys.executable, "-m", "bench", "serving", "--out", "serving_q4_1"], check=True,
                        env={**os.environ, "TANDEM_RESPONDER_CPU_WEIGHTS": "file"})
+        # Chats during a ticket job, on each gen pool.
+        subprocess.run([sys.executable, "-m", "bench", "priority"], check=True)
+        subprocess.run([sys.executable, "-m", "bench", "priority", "--out", "priority_threads"], check=True,
+                       env={**os.environ, "TANDEM_GEN_POOL": "threads"})
         subprocess.run([sys.executable, "-m", "bench.peft"], check=True)
         subprocess.run([sys.executable, "-m", "bench", "report"], check=True)
         return
@@ -472,7 +482,7 @@ def main() -> None:
 
     {"intents": bench_intents, "retrieval": bench_retrieval, "oos": bench_oos, "grounding": bench_grounding,
      "latency": bench_latency, "distributed": bench_distributed, "nlu": perf.bench_nlu, "decode": perf.bench_decode,
-     "e2e": perf.bench_e2e, "serving": perf.bench_serving, "hardware": perf.bench_hardware,
+     "e2e": perf.bench_e2e, "serving": perf.bench_serving, "priority": perf.bench_priority, "hardware": perf.bench_hardware,
      "report": lambda _: report.main()}[args.name](args)
 
 

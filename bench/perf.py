@@ -7,6 +7,8 @@
   e2e       tickets/min with 64-token drafts: ours against the naive loop and Haystack
   serving   time to first token at 1, 8 and 32 concurrent chats through the real workers
             and Redis, and each worker's peak RSS
+  priority  time to first token of chats sent while a ticket job's drafts are queued, with
+            the job's tasks behind chats (TANDEM_BATCH_PRIORITY=9) and in line with them (0)
   hardware  encoder FLOP/s against a measured GEMM peak; decode bytes/token against a
             measured memory bandwidth
 
@@ -567,6 +569,91 @@ def bench_serving(args) -> None:
                     "cpu_weights": getattr(make_backend(Settings()), "cpu_weights", None),
                     "peak_rss_mb": {k: round(v) for k, v in rss.peak_mb.items()},
                     "rss_limits_mb": {"gen_worker": 1536, "nlu_worker": 800}, "rows": rows})
+
+
+def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], priority: int) -> dict:
+    """Queue a ticket job with drafts at ``priority``; once its drafts are queued on the gen
+    worker, send ``chats`` at once and time each one's first text. The job is then cancelled."""
+    import uuid
+
+    from workers.app import app, queue_keys
+    from workers.batch import length_sorted_chunks, process_chunks
+    from workers.client import submit_message
+    from workers.streams import stream_reply
+
+    run = uuid.uuid4().hex[:8]
+    tickets = [{"id": f"{run}-{i}", "text": text} for i, text in enumerate(job_texts)]
+    progress_key = f"tandem:bench:{run}:progress"
+    stop = threading.Event()
+    job = threading.Thread(target=lambda: [None for _ in process_chunks(
+        length_sorted_chunks(tickets, settings.batch_chunk_size), True, progress_key, cancelled=stop.is_set,
+        priority=priority)])
+    job.start()
+    # Understood (fast) and drafting (slow): the job's other draft chunks wait on the gen queue.
+    deadline = time.monotonic() + 300
+    while int(client.get(progress_key) or 0) < len(tickets) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    queued = sum(client.llen(key) for key in queue_keys("gen"))
+    first_ms: list[float] = []
+    drafted_before: list[int] = []
+
+    def chat(text: str) -> None:
+        t0 = time.perf_counter()
+        reply_id = submit_message(f"{text} ({run})", use_cache=False)
+        first = None
+        for _, kind, _ in stream_reply(client, reply_id, timeout_s=900):  # in line with the job: minutes
+            if kind in ("token", "done") and first is None:
+                first = (time.perf_counter() - t0) * 1000
+                drafted_before.append(int(client.get(progress_key) or 0) - len(tickets))
+        first_ms.append(first if first is not None else float("nan"))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=chat, args=(text,)) for text in chats]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    stop.set()
+    job.join()
+    # The chunk a worker is on finishes; what the job had queued is revoked. Start the next run idle.
+    while sum(client.llen(key) for q in ("nlu", "gen") for key in queue_keys(q)) or any(
+            (app.control.inspect(timeout=1).active() or {"": [1]}).values()):
+        time.sleep(0.5)
+    ok = [v for v in first_ms if v == v]
+    return {"batch_priority": priority, "job_tickets": len(tickets), "draft_tasks_queued_when_chats_sent": queued,
+            "chats": len(chats), "failed": len(chats) - len(ok), "first_token_ms_p50": _percentile(ok, 0.5),
+            "first_token_ms_p95": _percentile(ok, 0.95), "first_token_ms": sorted(round(v) for v in ok),
+            "job_tickets_drafted_before_first_token": sorted(drafted_before), "seconds": round(seconds, 1)}
+
+
+def bench_priority(args) -> None:
+    """Chats while a ticket job's drafts are queued, with the job behind chats and in line with them."""
+    from pipeline.chain import load_or_build_index
+    from pipeline.encoder import SentenceEncoder
+    from pipeline.settings import Settings
+    from workers.streams import connect
+
+    texts, _ = banking77_test(args.tickets + args.chats * args.rounds * 2)
+    job_texts, chat_texts = texts[: args.tickets], texts[args.tickets:]
+    with private_redis("tandem-priority-", TANDEM_MAX_TOKENS=str(args.max_tokens)):
+        settings = Settings()
+        load_or_build_index(settings, SentenceEncoder.from_settings(settings))
+        # As `tandem up` runs them on one machine (its default solo gen pool): llama.cpp gets one core.
+        gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1))}
+        with running_workers({"nlu": dict(os.environ), "gen": gen_env}):
+            wait_for_queues({"nlu", "gen"})
+            client = connect(settings.resolved_redis_url)
+            rows = []
+            for round_ in range(args.rounds):  # alternating: this machine's speed drifts within minutes
+                for priority in (9, 0):
+                    n = (2 * round_ + (priority == 0)) * args.chats
+                    rows.append(_chats_during_job(client, settings, job_texts, chat_texts[n:n + args.chats], priority))
+                    print({k: v for k, v in rows[-1].items() if k != "first_token_ms"}, flush=True)
+    p50 = {p: statistics.median(r["first_token_ms_p50"] for r in rows if r["batch_priority"] == p) for p in (9, 0)}
+    save(args.out, {"max_tokens": args.max_tokens, "chunk_size": Settings().batch_chunk_size,
+                    "gen_pool": Settings().gen_pool, "rows": rows,
+                      "first_token_p50_in_line_over_behind": round(p50[0] / p50[9], 2)})
 
 
 # ----------------------------------------------------------------------------- hardware

@@ -215,6 +215,7 @@ def performance() -> list[str]:
         rss = serving["peak_rss_mb"]
         out.append(f"\nPeak RSS: gen worker {rss['gen_worker']} MB (limit 1,536), nlu worker {rss['nlu_worker']} MB "
                    "(limit 800).\n")
+    out.extend(priority_table([d for name in ("priority", "priority_threads") if (d := load(name))]))
     hardware = load("hardware")
     if hardware:
         e = hardware["encoder"]
@@ -254,6 +255,31 @@ def performance() -> list[str]:
                        f"| {r['macro_f1']:.3f} | {r['peak_rss_mb']:,.0f} MB | {r['train_seconds']:,.0f} s | {r['epochs']} "
                        f"| {r.get('load_average_1m_at_end', '–')} |")
         out.append("")
+    return out
+
+
+def priority_table(runs: list[dict]) -> list[str]:
+    """Chats sent while a ticket job's drafts are queued: the job behind chats, and in line with them."""
+    out: list[str] = []
+    if not runs:
+        return out
+    first = runs[0]
+    out.append(f"**Chats during a ticket job**, `python -m bench priority` and `TANDEM_GEN_POOL=threads python -m bench "
+               f"priority --out priority_threads`: a job of {first['rows'][0]['job_tickets']} tickets with "
+               f"{first['max_tokens']}-token drafts (chunks of {first['chunk_size']}) is queued; once its tickets are "
+               f"understood and its drafts wait for the gen worker, {first['rows'][0]['chats']} chats are sent at once. "
+               "The job's tasks behind chats (`TANDEM_BATCH_PRIORITY=9`, shipped) and in line with them (`0`):\n")
+    out.append("| gen pool | job's tasks | chats | failed | first token p50 | p95 | job's drafts done before a chat's "
+               "first token | ran |\n|---|---|---|---|---|---|---|---|")
+    for d in runs:
+        for r in d["rows"]:
+            where = "behind chats (9)" if r["batch_priority"] == 9 else "in line (0)"
+            drafted = r["job_tickets_drafted_before_first_token"]
+            span = "–" if not drafted else str(min(drafted)) if min(drafted) == max(drafted) else f"{min(drafted)}–{max(drafted)}"
+            out.append(f"| {d['gen_pool']} | {where} | {r['chats']} | {r['failed']} | {ms(r['first_token_ms_p50'])} "
+                       f"| {ms(r['first_token_ms_p95'])} | {span} of {r['job_tickets']} | {d['machine']['date']} |")
+    out.append("\nChats' first token p50 with the job behind them, against in line: " + "; ".join(
+        f"{d['gen_pool']} pool {d['first_token_p50_in_line_over_behind']}× sooner" for d in runs) + ".\n")
     return out
 
 

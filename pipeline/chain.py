@@ -328,8 +328,9 @@ class HybridPipeline:
     def run(self, message: str | bytes, history: list[dict] | None = None) -> PipelineResult:
         return self.run_understood(self.understand([message])[0], history)
 
-    def run_understood(self, understanding: Understanding, history: list[dict] | None = None) -> PipelineResult:
-        for event in self.respond(understanding, history):
+    def run_understood(self, understanding: Understanding, history: list[dict] | None = None,
+                       limits: GenerationLimits | None = None) -> PipelineResult:
+        for event in self.respond(understanding, history, limits):
             if isinstance(event, Done):
                 return event.result
         raise TandemError("the pipeline ended without a result")  # pragma: no cover

@@ -4,8 +4,10 @@ One scheduler thread owns the llama.cpp context. Each step it builds one batch h
 the next token of every reply that is decoding plus a chunk of the prompt of replies
 being admitted (chunked prefill, as vLLM does), runs one ``llama_decode`` and samples a
 token for each reply from its own sampler chain. Replies join between steps and leave
-when done, so a short reply never waits for a long one. Callers see a plain iterator of
-text pieces; the scheduler hands them over through a queue per reply.
+when done, so a short reply never waits for a long one. A free slot goes to the waiting
+reply of lowest ``priority`` (chats 0, a batch job's drafts TANDEM_BATCH_PRIORITY), then
+to the earliest, and drafts leave ``chat_slots`` of the slots to chats. Callers see a
+plain iterator of text pieces; the scheduler hands them over through a queue per reply.
 
 Each reply owns a KV-cache sequence (a "slot"). Prompts that begin alike share the KV
 state of that beginning instead of recomputing it (prefix caching): the system prompt,
@@ -26,6 +28,7 @@ import contextlib
 import ctypes
 import hashlib
 import heapq
+import itertools
 import logging
 import os
 import queue
@@ -137,7 +140,9 @@ class _Reply:
     temperature: float
     repeat_penalty: float
     stop: list[str]
-    deadline: float
+    timeout_s: float
+    priority: int = 0
+    deadline: float = float("inf")  # timeout_s from admission: waiting for a slot is not generating
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     slot: int = -1
@@ -159,7 +164,7 @@ class LlamaCppBackend:
 
     def __init__(self, model_path: str, threads: int | None = None, slots: int = 16, ctx_per_slot: int = 1024,
                  prefill_chunk: int = 128, prefix_cache_mb: int = 128, gpu_layers: int = 0,
-                 cpu_weights: str = "file", copies_dir: Path | None = None):
+                 cpu_weights: str = "file", copies_dir: Path | None = None, chat_slots: int = 0):
         if cpu_weights not in CPU_WEIGHTS:
             raise ValueError(f"cpu_weights must be one of {CPU_WEIGHTS}, not {cpu_weights!r}")
         self.model_path = model_path
@@ -172,6 +177,9 @@ class LlamaCppBackend:
         self.weights_path = model_path  # the file served: model_path or its copy
         self.threads = threads or os.cpu_count() or 1
         self.slots = slots
+        # Slots that replies of priority above 0 (a batch job's drafts) leave to chats, so a chat
+        # need not wait for a draft to finish; at least one slot stays open to drafts.
+        self.chat_slots = max(0, min(chat_slots, slots - 1))
         self.ctx_per_slot = ctx_per_slot
         self.prefill_chunk = prefill_chunk
         self.prefix_cache_bytes = prefix_cache_mb * 2**20
@@ -179,7 +187,8 @@ class LlamaCppBackend:
         # Re-entrant: a reply that fails while being admitted (lock held) frees its slot too.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: deque[_Reply] = deque()
+        self._waiting: list[tuple[int, int, _Reply]] = []  # a heap: (priority, arrival, reply)
+        self._arrivals = itertools.count()
         self._active: list[_Reply] = []
         self._free = list(range(slots))  # a heap of free sequence ids
         # Shared prompt beginnings (tokens) -> their saved KV state, least recently used first.
@@ -258,16 +267,19 @@ class LlamaCppBackend:
                                  f"{self.ctx_per_slot}-token context of a slot (raise TANDEM_RESPONDER_CTX_PER_SLOT)")
         timeout = limits.timeout_s
         reply = _Reply(prompt=prompt, max_tokens=limits.max_tokens, temperature=limits.temperature,
-                       repeat_penalty=limits.repeat_penalty, stop=list(limits.stop), deadline=time.monotonic() + timeout)
+                       repeat_penalty=limits.repeat_penalty, stop=list(limits.stop), timeout_s=timeout,
+                       priority=limits.priority)
         reply.cuts = self._chunk_ends(messages, prompt)
         with self._wake:
-            self._waiting.append(reply)
+            heapq.heappush(self._waiting, (limits.priority, next(self._arrivals), reply))
             self._wake.notify()
         try:
             while True:
                 try:
                     item = reply.out.get(timeout=timeout + 5)
                 except queue.Empty:
+                    if reply.slot < 0:  # still waiting for a slot (behind other replies): the limit starts then
+                        continue
                     raise ResponderError(f"generation timed out after {timeout:.0f} s") from None
                 if item is _DONE:
                     return
@@ -321,10 +333,15 @@ class LlamaCppBackend:
 
     def _admit(self) -> None:
         while self._waiting and self._free:
-            reply = self._waiting.popleft()
+            reply = self._waiting[0][2]  # lowest priority first: a draft on top means no chat waits
+            if (reply.priority > 0 and not reply.cancelled
+                    and sum(r.priority > 0 for r in self._active) >= self.slots - self.chat_slots):
+                return
+            heapq.heappop(self._waiting)
             if reply.cancelled:
                 continue
             reply.slot = heapq.heappop(self._free)
+            reply.deadline = time.monotonic() + reply.timeout_s
             self._active.append(reply)
             try:
                 reply.sampler = self._make_sampler(reply)
@@ -391,18 +408,23 @@ class LlamaCppBackend:
         batch.n_tokens = 0
         sampled: list[tuple[_Reply, int]] = []
         # Every decoding reply gets its next token; replies being admitted share what is left
-        # of the batch for prompt chunks. Tokens go in slot order (see ``_load``).
+        # of the batch for prompt chunks, chats' prompts first (lowest priority, then slot), so
+        # a chat's prompt is not prefilled after those of a batch of drafts admitted with it.
         budget = self._n_batch - sum(reply.fed == len(reply.prompt) for reply in self._active)
-        for reply in sorted(self._active, key=lambda r: r.slot):
+        chunks: dict[int, int] = {}  # slot -> prompt tokens it feeds this step
+        for reply in sorted(self._active, key=lambda r: (r.priority, r.slot)):
+            # a whole chunk or none: chunks must end where _chunk_ends puts them
+            if reply.fed < len(reply.prompt) and (take := next(e for e in reply.cuts if e > reply.fed) - reply.fed) <= budget:
+                chunks[reply.slot] = take
+                budget -= take
+        for reply in sorted(self._active, key=lambda r: r.slot):  # tokens go in slot order (see ``_load``)
             if reply.fed == len(reply.prompt):
                 self._add(reply.next_token, reply.fed + reply.n_generated - 1, reply.slot, True)
                 sampled.append((reply, batch.n_tokens - 1))
-            elif (take := next(end for end in reply.cuts if end > reply.fed) - reply.fed) <= budget:
-                # a whole chunk or none: chunks must end where _chunk_ends puts them
+            elif take := chunks.get(reply.slot, 0):
                 for i in range(reply.fed, reply.fed + take):
                     self._add(reply.prompt[i], i, reply.slot, i == len(reply.prompt) - 1)
                 reply.fed += take
-                budget -= take
                 if reply.fed == len(reply.prompt):
                     sampled.append((reply, batch.n_tokens - 1))
         if not batch.n_tokens:

@@ -39,6 +39,9 @@ class GenerationLimits:
     stop: list[str] = field(default_factory=list)
     timeout_s: float = 60.0
     repeat_penalty: float = 1.0  # settings.repeat_penalty says why 1.0
+    # llama_cpp: replies waiting for a slot are admitted lowest first, then in arrival order, so a
+    # chat (0) does not queue behind a batch job's drafts (TANDEM_BATCH_PRIORITY). Others ignore it.
+    priority: int = 0
 
 
 def build_messages(message: str, intent: str, passages: list[Passage], history: list[dict] | None = None,
@@ -203,7 +206,8 @@ def make_backend(settings) -> GenerationBackend:
         return LlamaCppBackend(settings.responder_model, threads=settings.responder_threads, slots=settings.responder_slots,
                                ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=settings.responder_gpu_layers,
                                prefix_cache_mb=settings.responder_prefix_cache_mb,
-                               cpu_weights=settings.responder_cpu_weights, copies_dir=settings.data_dir / "models")
+                               cpu_weights=settings.responder_cpu_weights, copies_dir=settings.data_dir / "models",
+                               chat_slots=settings.responder_chat_slots)
     if settings.responder_backend == "transformers":
         return TransformersBackend(settings.responder_model, device=settings.responder_device,
                                    gguf_file=settings.responder_gguf_file)

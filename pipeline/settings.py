@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # llama_cpp: replies decoded together by continuous batching, and each one's context (prompt + reply)
     responder_slots: int = Field(default=16, ge=1, le=64)
     responder_ctx_per_slot: int = Field(default=1024, ge=256)
+    # llama_cpp: slots a batch job's drafts leave free, so a chat that arrives while they decode
+    # is admitted at the next step instead of when a draft ends (at least one stays for drafts).
+    responder_chat_slots: int = Field(default=4, ge=0)
     # llama_cpp: memory for the KV state of prompt beginnings that replies share (the system
     # prompt; the help article of questions routed to it), reused instead of prefilled again.
     # About 23 KB a token on the bundled SmolLM2, 6-7 MB an article; 0 turns it off.
@@ -157,6 +160,10 @@ class Settings(BaseSettings):
     memory_ttl_s: int = 86400
     result_ttl_s: int = 86400
     batch_chunk_size: int = 32
+    # Broker priority of batch tasks (0 first, 9 last; Redis serves 0-2, 3-5, 6-8 and 9 as four
+    # levels). Chats' tasks go at 0, so with 9 a chat waits for the chunk a worker is on, not for
+    # every chunk a job has queued ahead of it. 0 puts batch chunks in line with chats.
+    batch_priority: int = Field(default=9, ge=0, le=9)
     # A task a dead worker had taken is handed to another after this long (acks_late).
     visibility_timeout_s: int = 300
     # A gen worker renews a lease on each reply it writes; a reply whose lease lapses before it

@@ -277,9 +277,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
+        from workers.app import QUEUES, queue_keys
+
         try:
-            for queue in ("nlu", "gen"):
-                metrics.queue_depth.labels(queue).set(await request.app.state.redis.llen(queue))
+            for queue in QUEUES:
+                depth = [await request.app.state.redis.llen(key) for key in queue_keys(queue)]
+                metrics.queue_depth.labels(queue).set(sum(depth))
         except redis.RedisError:
             pass  # the scrape still reports the rest
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

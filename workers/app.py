@@ -28,6 +28,12 @@ ROUTES = {
 }
 
 
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting tasks: kombu keeps one per priority level
+    (batch jobs' tasks wait in a lower one than chats', TANDEM_BATCH_PRIORITY)."""
+    return [queue, *(f"{queue}{kombu_redis.Channel.sep}{p}" for p in kombu_redis.PRIORITY_STEPS if p)]
+
+
 class _BrokerChannel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict:
         # When Redis drops while a threads-pool worker holds unacknowledged tasks, Celery

@@ -117,7 +117,7 @@ def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Sett
     client = redis.Redis.from_url(settings.resolved_redis_url)
 
     with partial.open("a", encoding="utf-8") as sink:
-        for rows in process_chunks(chunks, drafts, progress_key, outage_s):
+        for rows in process_chunks(chunks, drafts, progress_key, outage_s, priority=settings.batch_priority):
             for row in rows:
                 results[row["id"]] = row
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -145,14 +145,15 @@ def length_sorted_chunks(tickets: list[dict], size: int) -> list[list[dict]]:
 
 
 def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | None, outage_s: float = 60.0,
-                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[list[dict]]:
-    """Fan chunks out to the workers; yield each chunk's rows as it finishes (any order)."""
+                   cancelled: Callable[[], bool] = lambda: False, *, priority: int) -> Iterator[list[dict]]:
+    """Fan chunks out to the workers; yield each chunk's rows as it finishes (any order).
+    Every chunk is queued at once, at broker ``priority`` (TANDEM_BATCH_PRIORITY), behind chats."""
     from workers.tasks import draft_batch, understand_batch
 
     def submit(chunk: list[dict]):
-        signature = understand_batch.s(chunk, progress_key)
+        signature = understand_batch.s(chunk, progress_key).set(priority=priority)
         if drafts:
-            signature = chain(signature, draft_batch.s(progress_key))
+            signature = chain(signature, draft_batch.s(progress_key).set(priority=priority))
         return _retry(lambda: signature.apply_async(), outage_s)
 
     pending = {}

@@ -130,7 +130,8 @@ class JobStore:
                 return not held() or self.status(job_id)["state"] == "cancelled"
             try:
                 for rows in process_chunks(length_sorted_chunks(todo, self.settings.batch_chunk_size),
-                                           status["drafts"], None, outage_s=60, cancelled=stop):
+                                           status["drafts"], None, outage_s=60, cancelled=stop,
+                                           priority=self.settings.batch_priority):
                     self._write(job_id, rows)
             except TandemError:
                 self._end(job_id, "failed")

@@ -285,17 +285,20 @@ def understand_batch(tickets: list[dict], progress_key: str | None = None) -> li
     return rows
 
 
-@app.task(name="tandem.draft_batch")
-def draft_batch(rows: list[dict], progress_key: str | None = None) -> list[dict]:
+@app.task(name="tandem.draft_batch", bind=True)
+def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list[dict]:
     """Draft a reply for each understood ticket of a chunk."""
     pipeline = get_pipeline()
+    # Behind chats for a reply slot too, at the priority the chunk was queued with (TANDEM_BATCH_PRIORITY).
+    priority = int((self.request.delivery_info or {}).get("priority") or 0)
+    limits = dataclasses.replace(pipeline.responder.limits, priority=priority)
 
     def draft(row: dict) -> None:
         understanding = row.pop("understanding", None)
         if understanding is None:
             return
         try:
-            result = pipeline.run_understood(Understanding.from_dict(understanding))
+            result = pipeline.run_understood(Understanding.from_dict(understanding), limits=limits)
             row.update(reply=result.reply, grounded=result.grounded)
         except TandemError as exc:
             row["error"] = str(exc)

@@ -3,7 +3,7 @@ NLU's rows against the naive loop."""
 
 from __future__ import annotations
 
-from bench.report import decode_table, grounding_table, nlu_table
+from bench.report import decode_table, grounding_table, nlu_table, priority_table
 
 
 def _decode(weights: str, with_ab: bool) -> dict:
@@ -95,3 +95,18 @@ def test_the_nlu_block_reports_the_token_budget_against_batches_cut_by_count():
     assert "666.7 messages/s under the token budget against 317.4 by count (2.1×)" in text
     del nlu["sample_tickets_encoder"]  # a run from before the measurement says nothing of it
     assert "sample tickets" not in "\n".join(nlu_table(nlu))
+
+
+def test_the_priority_block_sets_chats_behind_a_job_against_in_line_for_each_pool():
+    def row(priority: int, p50: float, drafted: list[int]) -> dict:
+        return {"batch_priority": priority, "job_tickets": 128, "chats": 4, "failed": 0, "first_token_ms_p50": p50,
+                "first_token_ms_p95": p50 * 1.2, "job_tickets_drafted_before_first_token": drafted}
+
+    runs = [{"machine": {"date": "2026-12-02 16:10 UTC"}, "gen_pool": pool, "max_tokens": 64, "chunk_size": 32,
+             "rows": [row(9, 50_000.0, [32, 32, 32, 32]), row(0, 200_000.0, [128, 128, 128, 128])],
+             "first_token_p50_in_line_over_behind": 4.0} for pool in ("solo", "threads")]
+    text = "\n".join(priority_table(runs))
+    assert "| solo | behind chats (9) | 4 | 0 | 50,000 ms | 60,000 ms | 32 of 128 |" in text
+    assert "| threads | in line (0) | 4 | 0 | 200,000 ms |" in text
+    assert "against in line: solo pool 4.0× sooner; threads pool 4.0× sooner." in text
+    assert priority_table([]) == []

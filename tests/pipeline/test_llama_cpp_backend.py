@@ -110,6 +110,62 @@ def test_a_short_reply_finishes_while_a_long_one_is_still_decoding(engine):
     assert finished["short"] < finished["long"], "the short reply joined the running batch and left it early"
 
 
+def test_a_waiting_chat_takes_the_next_free_slot_before_a_batch_draft_queued_earlier(engine):
+    """Both slots busy; a draft (priority 9, as draft_batch sends) queues, then a chat (0):
+    the slot that frees goes to the chat."""
+    counting = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    holders = [engine.stream(counting, GenerationLimits(max_tokens=300, timeout_s=60)) for _ in range(2)]
+    for holder in holders:
+        next(holder)  # admitted: both slots decoding
+    first_piece: dict[str, float] = {}
+
+    def run(name: str, priority: int) -> None:
+        for _ in engine.stream(PROMPTS[2], GenerationLimits(max_tokens=8, timeout_s=60, priority=priority)):
+            first_piece.setdefault(name, time.monotonic())
+
+    threads = []
+    for name, priority in (("draft", 9), ("chat", 0)):
+        threads.append(threading.Thread(target=run, args=(name, priority)))
+        threads[-1].start()
+        wait_until(lambda n=2 + len(threads): engine.busy == n, timeout=10, what=f"the {name} waiting")
+    holders[0].close()  # frees a slot at the next step
+    wait_until(lambda: bool(first_piece), timeout=60, what="a waiting reply admitted")
+    holders[1].close()
+    for t in threads:
+        t.join(120)
+    assert first_piece["chat"] < first_piece["draft"], "the chat was admitted first"
+    wait_until(lambda: engine.busy == 0, timeout=30, what="every slot free")
+
+
+def test_drafts_leave_the_chat_slots_free_for_a_chat(settings):
+    """Two slots, one kept for chats: of two drafts one decodes and one waits, and a chat sent
+    after both starts at once and ends while the first draft is still decoding."""
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=2, ctx_per_slot=512, chat_slots=1)
+    engine.warm_up()
+    counting = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    events: list[tuple[str, str]] = []  # (reply, "first" | "end"), in the order they happened
+
+    def run(name: str, messages, max_tokens: int, priority: int) -> None:
+        for _ in engine.stream(messages, GenerationLimits(max_tokens=max_tokens, timeout_s=60, priority=priority)):
+            if (name, "first") not in events:
+                events.append((name, "first"))
+        events.append((name, "end"))
+
+    threads = [threading.Thread(target=run, args=(f"draft{i}", counting, 60, 9)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: ("draft1", "first") in events or ("draft2", "first") in events, 60, "a draft decoding")
+    assert engine.busy == 2 and sum(not e[0].startswith("chat") for e in events) == 1, "one draft waits"
+    threads.append(threading.Thread(target=run, args=("chat", PROMPTS[2], 8, 0)))
+    threads[-1].start()
+    for t in threads:
+        t.join(120)
+    running = next(e[0] for e in events)
+    assert events.index(("chat", "end")) < events.index((running, "end")), events
+    assert {e[0] for e in events} == {"draft1", "draft2", "chat"}
+    assert engine.busy == 0
+
+
 def test_a_caller_that_stops_reading_frees_its_slot(engine, solo):
     for _ in range(2):  # both slots abandoned mid-reply
         stream = engine.stream(PROMPTS[0], GenerationLimits(max_tokens=200, timeout_s=60))
@@ -141,6 +197,31 @@ def test_the_timeout_fails_only_the_late_reply(engine, solo):
     thread.start()
     assert _same_replies(["".join(engine.stream(PROMPTS[1], LIMITS))], solo[1:2])
     thread.join(60)
+
+
+def test_the_time_limit_runs_from_admission_not_from_the_wait_for_a_slot(engine):
+    """A reply queued behind others (a batch job's drafts fill the slots) longer than its time
+    limit still gets its full limit to generate once it has a slot."""
+    counting = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    holders = [engine.stream(counting, GenerationLimits(max_tokens=300, timeout_s=60)) for _ in range(2)]
+    for holder in holders:
+        next(holder)
+    box: dict = {}
+
+    def late() -> None:
+        try:
+            box["reply"] = "".join(engine.stream(PROMPTS[1], GenerationLimits(max_tokens=8, timeout_s=1.0)))
+        except ResponderError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    time.sleep(2.5)  # waiting past its 1 s limit
+    for holder in holders:
+        holder.close()
+    thread.join(60)
+    assert "error" not in box, box.get("error")
+    assert box["reply"].strip()
 
 
 def test_a_prompt_longer_than_a_slot_is_a_clear_error(engine):
@@ -228,6 +309,42 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     assert used == {0, 1}
     decoding = [[seq for i, seq in enumerate(fed) if i == 0 or seq != fed[i - 1]] for fed in steps]
     assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
+
+
+def test_a_chat_admitted_among_prefilling_drafts_gets_its_prompt_chunk_first(settings, monkeypatch):
+    """Drafts admitted earlier, still prefilling long prompts, would fill each step's budget in
+    slot order for several steps; a chat that joins them is fed in its first step all the same."""
+    article = load_articles(PACKAGE_DATA / "helpcentre")[0]
+    long_prompt = build_messages("What do I do?", "x", [Passage(article_id="a", title="Help", url="",
+                                                                 text=article.body * 2, score=1.0)])
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=6, ctx_per_slot=1024, prefix_cache_mb=0)
+    engine.warm_up()
+    assert len(engine.tokenize_chat(long_prompt)) > 3 * engine.prefill_chunk  # 5 drafts: 4 steps of prefill at least
+    steps: list[set[int]] = []  # the slots fed in each step
+    step, add = engine._step, engine._add
+
+    def recording_step() -> None:
+        steps.append(set())
+        step()
+
+    def recording_add(token: int, pos: int, seq: int, logits: bool) -> None:
+        steps[-1].add(seq)
+        add(token, pos, seq, logits)
+
+    monkeypatch.setattr(engine, "_step", recording_step)
+    monkeypatch.setattr(engine, "_add", recording_add)
+    limits = GenerationLimits(max_tokens=2, timeout_s=120, priority=9)
+    drafts = [threading.Thread(target=lambda: list(engine.stream(long_prompt, limits))) for _ in range(5)]
+    for t in drafts:
+        t.start()
+    wait_until(lambda: engine.busy == 5 and len(steps) >= 1, 30, "the drafts prefilling")
+    joined_at = len(steps)
+    chat = threading.Thread(target=lambda: list(engine.stream(PROMPTS[2], GenerationLimits(max_tokens=2))))
+    chat.start()
+    for t in [*drafts, chat]:
+        t.join(120)
+    first = next(i for i, fed in enumerate(steps) if 5 in fed)  # the chat: the one free slot was 5
+    assert first - joined_at <= 1, f"the chat joined before step {joined_at} and was first fed in step {first}"
 
 
 @pytest.mark.parametrize("kind, file_type", [("q8_0", 7), ("bf16", 32)])  # LLAMA_FTYPE_MOSTLY_*

@@ -161,6 +161,8 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_ENCODER_ONNX_INT8", "perhaps", "TANDEM_ENCODER_ONNX_INT8: Input should be a valid boolean"),
     ("TANDEM_ENCODER_BATCH_SIZE", "0", "TANDEM_ENCODER_BATCH_SIZE: Input should be greater than or equal to 1"),
     ("TANDEM_ENCODER_BATCH_TOKENS", "-1", "TANDEM_ENCODER_BATCH_TOKENS: Input should be greater than or equal to 0"),
+    ("TANDEM_BATCH_PRIORITY", "10", "TANDEM_BATCH_PRIORITY: Input should be less than or equal to 9"),
+    ("TANDEM_RESPONDER_CHAT_SLOTS", "-1", "TANDEM_RESPONDER_CHAT_SLOTS: Input should be greater than or equal to 0"),
     ("TANDEM_RESPONDER_CPU_WEIGHTS", "int4",
      "TANDEM_RESPONDER_CPU_WEIGHTS: Input should be 'auto', 'bf16', 'q8_0' or 'file'"),
     ("TANDEM_RESPONDER_PREFIX_CACHE_MB", "-1",

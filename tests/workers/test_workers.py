@@ -14,6 +14,7 @@ from workers.client import submit_message
 from workers.streams import STREAM_KEY, stream_reply
 
 from ..conftest import BANKING77
+from ..helpers import wait_until
 
 
 def events_of(client, reply_id, **kwargs) -> list[tuple[str, str, dict]]:
@@ -372,3 +373,31 @@ def test_redis_outage_mid_batch_is_ridden_out(workers, tmp_path, redis_server):
     rows = read_rows(tmp_path / "out.jsonl")
     assert [r["id"] for r in rows] == ids
     assert all("error" not in r for r in rows)
+
+
+def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_settings, redis_client):
+    """A job queues all its chunks at once, at TANDEM_BATCH_PRIORITY (9): a chat sent after
+    them is taken before them. With the worker stopped while both are queued, the chat's
+    reply starts with at most a chunk or two of the 1,000 tickets done, not all of them."""
+    from workers.app import queue_keys
+    from workers.batch import process_chunks
+
+    assert worker_settings.batch_priority == 9
+    workers.kill("nlu")  # the job's 40 chunks and the chat both wait for the next nlu worker
+    tickets = [{"id": str(i), "text": f"Where is the card I ordered last week? ({i})"} for i in range(1000)]
+    progress_key = "tandem:test:priority:progress"
+    chunks = length_sorted_chunks(tickets, 25)
+    thread, box = run_in_thread(lambda: [row for rows in process_chunks(chunks, False, progress_key,
+                                                                        priority=worker_settings.batch_priority)
+                                         for row in rows])
+    wait_until(lambda: sum(redis_client.llen(k) for k in queue_keys("nlu")) == len(chunks), 30, "the job queued")
+    reply_id = submit_message("I lost my card", use_cache=False)
+    workers.start("nlu", wait=False)
+    # The counter only grows: read just after the reply's first event, it bounds what was done before.
+    wait_until(lambda: redis_client.xlen(STREAM_KEY.format(reply_id)) > 0, 180, "the chat's reply")
+    done_first = int(redis_client.get(progress_key) or 0)
+    thread.join(120)
+    workers.wait_ready("nlu")
+    assert "error" not in box, box.get("error")
+    assert sorted(int(row["id"]) for row in box["result"]) == list(range(1000))
+    assert done_first <= 3 * 25, f"{done_first} of 1000 tickets were done before the chat was answered"
