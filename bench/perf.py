@@ -576,7 +576,7 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
     worker, send ``chats`` at once and time each one's first text. The job is then cancelled."""
     import uuid
 
-    from workers.app import app, queue_keys
+    from workers.app import QUEUES, app, queued_tasks
     from workers.batch import length_sorted_chunks, process_chunks
     from workers.client import submit_message
     from workers.streams import stream_reply
@@ -593,7 +593,7 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
     deadline = time.monotonic() + 300
     while int(client.get(progress_key) or 0) < len(tickets) and time.monotonic() < deadline:
         time.sleep(0.05)
-    queued = sum(client.llen(key) for key in queue_keys("gen"))
+    queued = queued_tasks(client, "gen")
     first_ms: list[float] = []
     drafted_before: list[int] = []
 
@@ -617,7 +617,7 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
     stop.set()
     job.join()
     # The chunk a worker is on finishes; what the job had queued is revoked. Start the next run idle.
-    while sum(client.llen(key) for q in ("nlu", "gen") for key in queue_keys(q)) or any(
+    while sum(queued_tasks(client, q) for q in QUEUES) or any(
             (app.control.inspect(timeout=1).active() or {"": [1]}).values()):
         time.sleep(0.5)
     ok = [v for v in first_ms if v == v]
@@ -653,7 +653,7 @@ def bench_priority(args) -> None:
     p50 = {p: statistics.median(r["first_token_ms_p50"] for r in rows if r["batch_priority"] == p) for p in (9, 0)}
     save(args.out, {"max_tokens": args.max_tokens, "chunk_size": Settings().batch_chunk_size,
                     "gen_pool": Settings().gen_pool, "rows": rows,
-                      "first_token_p50_in_line_over_behind": round(p50[0] / p50[9], 2)})
+                    "first_token_p50_in_line_over_behind": round(p50[0] / p50[9], 2)})
 
 
 # ----------------------------------------------------------------------------- hardware

@@ -34,6 +34,11 @@ def queue_keys(queue: str) -> list[str]:
     return [queue, *(f"{queue}{kombu_redis.Channel.sep}{p}" for p in kombu_redis.PRIORITY_STEPS if p)]
 
 
+def queued_tasks(client: redis.Redis, queue: str) -> int:
+    """Tasks waiting in ``queue``, at every priority."""
+    return sum(client.llen(key) for key in queue_keys(queue))
+
+
 class _BrokerChannel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict:
         # When Redis drops while a threads-pool worker holds unacknowledged tasks, Celery

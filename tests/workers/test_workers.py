@@ -379,7 +379,7 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
     """A job queues all its chunks at once, at TANDEM_BATCH_PRIORITY (9): a chat sent after
     them is taken before them. With the worker stopped while both are queued, the chat's
     reply starts with at most a chunk or two of the 1,000 tickets done, not all of them."""
-    from workers.app import queue_keys
+    from workers.app import queued_tasks
     from workers.batch import process_chunks
 
     assert worker_settings.batch_priority == 9
@@ -390,7 +390,7 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
     thread, box = run_in_thread(lambda: [row for rows in process_chunks(chunks, False, progress_key,
                                                                         priority=worker_settings.batch_priority)
                                          for row in rows])
-    wait_until(lambda: sum(redis_client.llen(k) for k in queue_keys("nlu")) == len(chunks), 30, "the job queued")
+    wait_until(lambda: queued_tasks(redis_client, "nlu") == len(chunks), 30, "the job queued")
     reply_id = submit_message("I lost my card", use_cache=False)
     workers.start("nlu", wait=False)
     # The counter only grows: read just after the reply's first event, it bounds what was done before.
