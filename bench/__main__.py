@@ -68,6 +68,18 @@ def result_name(value: str) -> str:
     return value
 
 
+def count(value: str) -> int:
+    """A number of tickets, chats, rounds, tokens or the like: a whole number of at least 1,
+    checked before a long run (0 or less would measure nothing, or divide by zero at the end)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number of at least 1") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number of at least 1")
+    return number
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -412,49 +424,49 @@ def main() -> None:
     sub = parser.add_subparsers(dest="name")  # none: the whole performance suite, then the report
     p = sub.add_parser("intents")
     p.add_argument("--encoder-methods", nargs="*", default=[], help="also train finetune / lora (slow on CPU)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=count, default=4)
     p = sub.add_parser("retrieval")
     p = sub.add_parser("oos")
     p.add_argument("--in-scope-share", type=float, default=0.005, help="share of in-scope training messages the gate may reject")
     p = sub.add_parser("grounding")
     p.add_argument("--backends", nargs="+", default=["llama_cpp", "transformers", "openai"])
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=count, default=None)
     p = sub.add_parser("distributed")
-    p.add_argument("--tickets", type=int, default=2000)
-    p.add_argument("--messages", type=int, default=30)
+    p.add_argument("--tickets", type=count, default=2000)
+    p.add_argument("--messages", type=count, default=30)
     p = sub.add_parser("latency")
-    p.add_argument("-n", type=int, default=30)
+    p.add_argument("-n", type=count, default=30)
     # Issue 5: bench/perf.py
     p = sub.add_parser("nlu")
-    p.add_argument("--tickets", type=int, default=1024)
-    p.add_argument("--peer-tickets", type=int, default=200, help="the per-ticket peers are slow; a smaller spread sample")
+    p.add_argument("--tickets", type=count, default=1024)
+    p.add_argument("--peer-tickets", type=count, default=200, help="the per-ticket peers are slow; a smaller spread sample")
     p.add_argument("--full-accuracy", action=argparse.BooleanOptionalAction, default=True)
     p = sub.add_parser("decode")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--rounds", type=int, default=2, help="replies per stream at each level")
-    p.add_argument("--alone-replies", type=int, default=8)
-    p.add_argument("--pairs", type=int, default=3, help="alternating llama.cpp-alone / single-stream runs")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--levels", type=count, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--rounds", type=count, default=2, help="replies per stream at each level")
+    p.add_argument("--alone-replies", type=count, default=8)
+    p.add_argument("--pairs", type=count, default=3, help="alternating llama.cpp-alone / single-stream runs")
+    p.add_argument("--max-tokens", type=count, default=64)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--gpu-layers", type=int, default=0, help="offload to the GPU (-1: all layers; CUDA build)")
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSON of the prompt workloads: read if it exists, else written (lets a GPU host without "
                         "the BERT side run the same prompts)")
     p.add_argument("--out", type=result_name, default="decode", help="result name under bench/results/")
     p = sub.add_parser("e2e")
-    p.add_argument("--tickets", type=int, default=64)
-    p.add_argument("--peer-tickets", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--tickets", type=count, default=64)
+    p.add_argument("--peer-tickets", type=count, default=8)
+    p.add_argument("--max-tokens", type=count, default=64)
     p = sub.add_parser("serving")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--levels", type=count, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rounds", type=count, default=2)
+    p.add_argument("--max-tokens", type=count, default=64)
     p.add_argument("--out", type=result_name, default="serving", help="result name under bench/results/")
     p = sub.add_parser("priority")
-    p.add_argument("--tickets", type=int, default=128, help="tickets in the job (drafted)")
-    p.add_argument("--chats", type=int, default=4, help="chats sent at once while the job's drafts are queued")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--tickets", type=count, default=128, help="tickets in the job (drafted)")
+    p.add_argument("--chats", type=count, default=4, help="chats sent at once while the job's drafts are queued")
+    p.add_argument("--rounds", type=count, default=1)
+    p.add_argument("--max-tokens", type=count, default=64)
     p.add_argument("--out", type=result_name, default="priority", help="result name under bench/results/")
     sub.add_parser("hardware")
     sub.add_parser("report")

@@ -23,7 +23,7 @@ import time
 import httpx
 import psutil
 
-from bench.__main__ import free_port, result_name, save
+from bench.__main__ import count, free_port, result_name, save
 
 
 async def one_chat(client: httpx.AsyncClient, url: str, message: str) -> dict:
@@ -144,8 +144,8 @@ async def run(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.load")
     parser.add_argument("--url", help="a running API (default: start `tandem up` on private ports)")
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--clients", type=count, default=50)
+    parser.add_argument("--seconds", type=count, default=60)
     parser.add_argument("--out", type=result_name, default="load", help="result name under bench/results/")
     asyncio.run(run(parser.parse_args()))
 

@@ -8,6 +8,8 @@ taken by a dead worker returns to the queue after ``visibility_timeout_s``.
 
 from __future__ import annotations
 
+import json
+
 import redis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
@@ -37,6 +39,28 @@ def queue_keys(queue: str) -> list[str]:
 def queued_tasks(client: redis.Redis, queue: str) -> int:
     """Tasks waiting in ``queue``, at every priority."""
     return sum(client.llen(key) for key in queue_keys(queue))
+
+
+def tasks_in_broker() -> set[str]:
+    """Ids of the tasks the broker holds: waiting in one of our queues (at any priority), or
+    taken by a worker and not yet acknowledged (kombu's ``unacked`` hash, from which a dead
+    worker's tasks return). A task that is in neither and has no result has been lost."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        payloads = [json.loads(item) for queue in QUEUES for key in queue_keys(queue)
+                    for item in client.lrange(key, 0, -1)]
+        payloads += [json.loads(item)[0] for item in client.hvals(channel.unacked_key)]
+    return {(payload.get("headers") or {}).get("id") for payload in payloads} - {None}
+
+
+def declare_queues() -> None:
+    """Declare our queues and their bindings. Workers declare them when they connect; a Redis
+    that came back empty has none until they reconnect, and kombu files a task sent to a queue
+    without a binding under its dead-letter list, where no worker looks."""
+    with app.connection_for_write() as connection:
+        for name in QUEUES:
+            app.amqp.queues[name](connection.default_channel).declare()
 
 
 class _BrokerChannel(kombu_redis.Channel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import time
 import uuid
@@ -24,6 +25,7 @@ from pipeline.errors import InputError, TandemError
 from pipeline.settings import Settings
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 def read_tickets(path: Path) -> list[dict]:
@@ -145,9 +147,14 @@ def length_sorted_chunks(tickets: list[dict], size: int) -> list[list[dict]]:
 
 
 def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | None, outage_s: float = 60.0,
-                   cancelled: Callable[[], bool] = lambda: False, *, priority: int) -> Iterator[list[dict]]:
+                   cancelled: Callable[[], bool] = lambda: False, *, priority: int,
+                   lost_check_s: float = 30.0) -> Iterator[list[dict]]:
     """Fan chunks out to the workers; yield each chunk's rows as it finishes (any order).
-    Every chunk is queued at once, at broker ``priority`` (TANDEM_BATCH_PRIORITY), behind chats."""
+    Every chunk is queued at once, at broker ``priority`` (TANDEM_BATCH_PRIORITY), behind chats.
+
+    When no chunk has finished for ``lost_check_s``, the chunks the broker no longer holds
+    (see ``_lost``) are queued again, so a lost task message cannot stall the job for ever."""
+    from workers.app import declare_queues
     from workers.tasks import draft_batch, understand_batch
 
     def submit(chunk: list[dict]):
@@ -160,16 +167,29 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
     for chunk in chunks:
         submitted = submit(chunk)
         pending[submitted.id] = (submitted, chunk, 0)
+    last_finished = time.monotonic()
     while pending:
         if cancelled():
             for submitted, _, _ in pending.values():
                 submitted.revoke()
             return
+        if time.monotonic() - last_finished > lost_check_s:
+            lost = _retry(lambda: _lost([submitted for submitted, _, _ in pending.values()]), outage_s)
+            if lost:
+                log.warning("%d of %d waiting chunks are gone from the broker with no result "
+                            "(did Redis restart without its data?); queueing them again", len(lost), len(pending))
+                _retry(declare_queues, outage_s)
+            for task_id in lost:
+                _, chunk, attempts = pending.pop(task_id)
+                again = submit(chunk)
+                pending[again.id] = (again, chunk, attempts)
+            last_finished = time.monotonic()
         for task_id, (submitted, chunk, attempts) in list(pending.items()):
             result = _retry(lambda r=submitted: _poll(r), outage_s)
             if result is None:
                 continue
             del pending[task_id]
+            last_finished = time.monotonic()
             if not isinstance(result, list) and _transient(result) and attempts < 3:
                 again = submit(chunk)  # the worker lost Redis mid-chunk: the tickets are fine, run them again
                 pending[again.id] = (again, chunk, attempts + 1)
@@ -180,6 +200,25 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
             yield rows
         if pending:
             time.sleep(0.2)
+
+
+def _lost(submitted: list) -> list[str]:
+    """Ids of the chunks (their last step's task) that neither wait in a queue, nor are held
+    by a worker, nor have a result: a Redis that restarted without its data, or a task taken
+    by a worker in the instant Redis went down, before kombu noted it as taken. Each step
+    is looked for twice, a second apart, so a task in that instant now is not counted."""
+    from workers.app import tasks_in_broker
+
+    held = tasks_in_broker()
+    time.sleep(1.0)
+    held |= tasks_in_broker()
+
+    def steps(result) -> set[str]:
+        return {result.id, *steps(result.parent)} if result is not None else set()
+
+    # Polled after the second look: a chain's next step is queued before its first step's
+    # result is stored, and a task's result before its acknowledgement.
+    return [r.id for r in submitted if not steps(r) & held and _poll(r) is None]
 
 
 def _transient(error: str) -> bool:

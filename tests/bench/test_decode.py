@@ -1,4 +1,4 @@
-"""Bench inputs: a prompts file bench decode did not write, and a result name that is no plain name."""
+"""Bench inputs: a prompts file bench decode did not write, a result name that is no plain name, a count below 1."""
 
 from __future__ import annotations
 
@@ -28,4 +28,16 @@ def test_a_result_name_that_is_not_a_plain_name_is_refused_before_the_run(comman
     stderr = result.stderr.decode()
     assert result.returncode == 2
     assert "a plain name such as serving_q4_1" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("command", [["bench", "priority", "--tickets"], ["bench", "priority", "--chats"],
+                                     ["bench", "decode", "--levels", "1"], ["bench.load", "--clients"]])
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_a_count_below_one_or_not_a_number_is_refused_before_the_run(command, value):
+    result = subprocess.run([sys.executable, "-m", *command, value], capture_output=True, timeout=120,
+                            cwd=Path(__file__).parents[2])
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert f"{value!r}: a whole number of at least 1" in stderr
     assert "Traceback" not in stderr

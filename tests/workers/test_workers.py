@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
@@ -361,18 +362,45 @@ def test_killed_worker_loses_no_ticket(workers, tmp_path, redis_client):
     assert all("error" not in r for r in rows)
 
 
+def joined(thread, timeout: float, workers) -> None:
+    """Wait for a batch thread; if it is still running, fail with what the workers logged."""
+    thread.join(timeout)
+    if thread.is_alive():
+        logs = sorted(workers.logs.iterdir(), key=lambda path: path.stat().st_mtime)[-2:]
+        tails = "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                          for log in logs)
+        raise AssertionError(f"the batch was still running after {timeout:.0f} s; the workers' logs end:\n{tails}")
+
+
 def test_redis_outage_mid_batch_is_ridden_out(workers, tmp_path, redis_server):
     ids, thread, box = batch_under_way(tmp_path, 1000, rows_before=100)
     redis_server.stop()
     time.sleep(5)
     redis_server.start()
-    thread.join(300)
+    joined(thread, 300, workers)
     if "error" in box:  # the batch may stop with a clear error; a rerun must then finish it
         assert "run the same command again" in str(box["error"])
         run_batch(tmp_path / "t.jsonl", tmp_path / "out.jsonl", drafts=False)
     rows = read_rows(tmp_path / "out.jsonl")
     assert [r["id"] for r in rows] == ids
     assert all("error" not in r for r in rows)
+
+
+def test_a_redis_that_comes_back_empty_mid_batch_loses_no_ticket(workers, tmp_path, redis_server, caplog):
+    """A Redis without persistence comes back empty: the queued chunks, the one a worker held
+    and the results not yet collected are gone. The batch notices its chunks are nowhere
+    in the broker and queues them again (after 30 s without a chunk finishing)."""
+    ids, thread, box = batch_under_way(tmp_path, 1000, rows_before=100)
+    redis_server.stop()
+    for data in redis_server.directory.glob("appendonly*"):  # a file up to Redis 6, a folder from 7
+        shutil.rmtree(data) if data.is_dir() else data.unlink()
+    redis_server.start()
+    joined(thread, 300, workers)
+    assert "error" not in box, box.get("error")
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == ids
+    assert all("error" not in r for r in rows)
+    assert "gone from the broker" in caplog.text
 
 
 def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_settings, redis_client):

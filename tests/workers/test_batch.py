@@ -1,0 +1,64 @@
+"""Which of a job's chunks count as lost (logic only; the broker side runs for real in
+test_workers.py's Redis-comes-back-empty test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+import workers.app
+from workers import batch
+
+
+@dataclass
+class Step:
+    """What ``_lost`` reads of a Celery AsyncResult: its id, the chain step before it, its state."""
+
+    id: str
+    parent: Step | None = None
+    state: str = "PENDING"
+    result: object = None
+
+    def failed(self) -> bool:
+        return self.state == "FAILURE"
+
+    def ready(self) -> bool:
+        return self.state in ("SUCCESS", "FAILURE")
+
+    def get(self, disable_sync_subtasks: bool = True) -> object:
+        return self.result
+
+
+@pytest.fixture
+def broker(monkeypatch) -> list[set[str]]:
+    """The ids the broker holds at each of ``_lost``'s two looks, in order."""
+    looks: list[set[str]] = []
+    monkeypatch.setattr(workers.app, "tasks_in_broker", lambda: looks.pop(0))
+    monkeypatch.setattr(batch.time, "sleep", lambda seconds: None)
+    return looks
+
+
+def test_a_chunk_nowhere_in_the_broker_and_without_a_result_is_lost(broker):
+    broker += [{"other"}, {"other"}]
+    assert batch._lost([Step("a")]) == ["a"]
+
+
+def test_a_chunk_queued_or_held_at_either_look_is_not_lost(broker):
+    broker += [{"a"}, set()]
+    assert batch._lost([Step("a"), Step("b")]) == ["b"]
+    broker += [set(), {"b"}]
+    assert batch._lost([Step("a"), Step("b")]) == ["a"]
+
+
+def test_a_chain_whose_first_step_the_broker_holds_is_not_lost(broker):
+    understand = Step("understand")
+    broker += [{"understand"}, set()]
+    assert batch._lost([Step("draft", parent=understand)]) == []
+
+
+def test_a_chunk_with_a_result_or_an_error_is_not_lost(broker):
+    done = Step("done", state="SUCCESS", result=[{"id": "t1"}])
+    failed_first_step = Step("draft", parent=Step("understand", state="FAILURE", result=ValueError("bad")))
+    broker += [set(), set()]
+    assert batch._lost([done, failed_first_step, Step("lost")]) == ["lost"]
