@@ -269,7 +269,7 @@ def priority_table(runs: list[dict]) -> list[str]:
                f"{first['max_tokens']}-token drafts (chunks of {first['chunk_size']}) is queued; once its tickets are "
                f"understood and its drafts wait for the gen worker, {first['rows'][0]['chats']} chats are sent at once. "
                "The job's tasks behind chats (`TANDEM_BATCH_PRIORITY=9`, shipped) and in line with them (`0`):\n")
-    out.append("| gen pool | job's tasks | chats | failed | first token p50 | p95 | job's drafts done before a chat's "
+    out.append("| gen pool | job's tasks | chats | failed | first token p50 | p95 | job's drafts in finished chunks before a chat's "
                "first token | ran |\n|---|---|---|---|---|---|---|---|")
     for d in runs:
         for r in d["rows"]:

@@ -41,6 +41,14 @@ def queued_tasks(client: redis.Redis, queue: str) -> int:
     return sum(client.llen(key) for key in queue_keys(queue))
 
 
+def waiting_ahead(client: redis.Redis, queue: str, priority: int) -> int:
+    """Tasks waiting in ``queue`` that a worker takes before one of ``priority``: those in
+    kombu's lists for lower priority numbers (a chat's 0 ahead of a batch job's 9)."""
+    keys = queue_keys(queue)
+    own = max(i for i, step in enumerate(kombu_redis.PRIORITY_STEPS) if step <= priority)
+    return sum(client.llen(key) for key in keys[:own])
+
+
 def tasks_in_broker() -> set[str]:
     """Ids of the tasks the broker holds: waiting in one of our queues (at any priority), or
     taken by a worker and not yet acknowledged (kombu's ``unacked`` hash, from which a dead

@@ -24,7 +24,7 @@ from celery.signals import worker_init
 from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding, clean_message
 from pipeline.errors import TandemError
 from pipeline.settings import Settings
-from workers.app import app
+from workers.app import app, waiting_ahead
 from workers.streams import (
     ConversationMemory,
     ReplyCache,
@@ -287,14 +287,25 @@ def understand_batch(tickets: list[dict], progress_key: str | None = None) -> li
 
 @app.task(name="tandem.draft_batch", bind=True)
 def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list[dict]:
-    """Draft a reply for each understood ticket of a chunk."""
-    pipeline = get_pipeline()
+    """Draft a reply for each understood ticket of a chunk.
+
+    On a solo pool, a chat that arrives while the chunk drafts would wait for all of it: the
+    task then starts no more drafts and, once those under way end, hands the rest of the
+    chunk (its finished rows kept) back to the queue behind the chat, under the same task id."""
+    pipeline, settings = get_pipeline(), _settings()
     # Behind chats for a reply slot too, at the priority the chunk was queued with (TANDEM_BATCH_PRIORITY).
     priority = int((self.request.delivery_info or {}).get("priority") or 0)
     limits = dataclasses.replace(pipeline.responder.limits, priority=priority)
+    yield_to_chats = priority > 0 and settings.gen_pool == "solo"
+    yielded = threading.Event()
 
     def draft(row: dict) -> None:
-        understanding = row.pop("understanding", None)
+        if "understanding" not in row:  # drafted before the chunk was handed back, or failed understanding
+            return
+        if yield_to_chats and (yielded.is_set() or _chat_waits(priority)):
+            yielded.set()
+            return
+        understanding = row.pop("understanding")
         if understanding is None:
             return
         try:
@@ -303,11 +314,26 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
         except TandemError as exc:
             row["error"] = str(exc)
 
-    # All of a chunk's drafts at once: the responder batches their decoding.
-    with ThreadPoolExecutor(max_workers=_settings().responder_slots) as pool:
+    # All of a chunk's drafts at once: the responder batches their decoding. When handing back
+    # to chats, no more at once than drafts may decode (llama_cpp leaves chat slots free): a
+    # draft started beyond that would only wait for a slot, and a chat that came would wait for it.
+    at_once = max(1, settings.responder_slots - settings.responder_chat_slots) if yield_to_chats else settings.responder_slots
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         list(pool.map(draft, rows))
+    if yielded.is_set() and any("understanding" in row for row in rows):
+        log.info("draft chunk %s: a chat waits; %d of %d drafts handed back behind it", self.request.id,
+                 sum("understanding" in row for row in rows), len(rows))
+        return self.replace(draft_batch.s(rows, progress_key).set(priority=priority))
     _progress(progress_key, len(rows))
     return rows
+
+
+def _chat_waits(priority: int) -> bool:
+    """Best effort: a Redis that cannot be asked lets the chunk carry on."""
+    try:
+        return waiting_ahead(_redis(), "gen", priority) > 0
+    except redis.RedisError:
+        return False
 
 
 @app.task(name="tandem.report_failure")

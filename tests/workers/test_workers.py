@@ -403,6 +403,32 @@ def test_a_redis_that_comes_back_empty_mid_batch_loses_no_ticket(workers, tmp_pa
     assert "gone from the broker" in caplog.text
 
 
+def test_a_chat_does_not_wait_for_the_draft_chunk_a_solo_gen_worker_is_on(workers, worker_settings, redis_client):
+    """A solo gen worker runs one task at a time. A chat sent while it drafts a job's chunk gets
+    its first token before that chunk is finished: the task starts no more drafts and hands the
+    rest back behind the chat, under the same id, so the job still gets every row once."""
+    from celery import chain
+
+    from workers.app import queued_tasks, tasks_in_broker
+    from workers.tasks import draft_batch, understand_batch
+
+    assert worker_settings.gen_pool == "solo" and worker_settings.batch_priority == 9
+    tickets = [{"id": str(i), "text": f"How do I top up my account by bank transfer? ({i})"} for i in range(12)]
+    job = chain(understand_batch.s(tickets).set(priority=9), draft_batch.s().set(priority=9)).apply_async()
+    wait_until(lambda: job.parent.ready() and queued_tasks(redis_client, "gen") == 0 and job.id in tasks_in_broker(),
+               120, "the gen worker drafting the chunk")
+    reply_id = submit_message("How long does card delivery take?", use_cache=False)
+    first = next(kind for _, kind, _ in stream_reply(redis_client, reply_id, timeout_s=180) if kind in ("token", "done"))
+    chunk_finished_first = job.ready()
+    rows = job.get(timeout=300)
+    assert first == "token"
+    assert not chunk_finished_first, "the chat waited for the whole draft chunk"
+    assert [row["id"] for row in rows] == [t["id"] for t in tickets]
+    assert all(row.get("reply") and "error" not in row and "understanding" not in row for row in rows)
+    log = "\n".join(path.read_text(errors="replace") for path in workers.logs.iterdir())
+    assert "drafts handed back behind it" in log
+
+
 def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_settings, redis_client):
     """A job queues all its chunks at once, at TANDEM_BATCH_PRIORITY (9): a chat sent after
     them is taken before them. With the worker stopped while both are queued, the chat's
