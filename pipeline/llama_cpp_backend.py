@@ -180,6 +180,7 @@ class LlamaCppBackend:
         # Slots that replies of priority above 0 (a batch job's drafts) leave to chats, so a chat
         # need not wait for a draft to finish; at least one slot stays open to drafts.
         self.chat_slots = max(0, min(chat_slots, slots - 1))
+        self.draft_slots = slots - self.chat_slots  # how many drafts decode at once
         self.ctx_per_slot = ctx_per_slot
         self.prefill_chunk = prefill_chunk
         self.prefix_cache_bytes = prefix_cache_mb * 2**20
@@ -335,7 +336,7 @@ class LlamaCppBackend:
         while self._waiting and self._free:
             reply = self._waiting[0][2]  # lowest priority first: a draft on top means no chat waits
             if (reply.priority > 0 and not reply.cancelled
-                    and sum(r.priority > 0 for r in self._active) >= self.slots - self.chat_slots):
+                    and sum(r.priority > 0 for r in self._active) >= self.draft_slots):
                 return
             heapq.heappop(self._waiting)
             if reply.cancelled:

@@ -300,14 +300,12 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
     yielded = threading.Event()
 
     def draft(row: dict) -> None:
-        if "understanding" not in row:  # drafted before the chunk was handed back, or failed understanding
+        if row.get("understanding") is None:  # failed understanding, or drafted before the chunk was handed back
             return
         if yield_to_chats and (yielded.is_set() or _chat_waits(priority)):
             yielded.set()
             return
         understanding = row.pop("understanding")
-        if understanding is None:
-            return
         try:
             result = pipeline.run_understood(Understanding.from_dict(understanding), limits=limits)
             row.update(reply=result.reply, grounded=result.grounded)
@@ -317,12 +315,15 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
     # All of a chunk's drafts at once: the responder batches their decoding. When handing back
     # to chats, no more at once than drafts may decode (llama_cpp leaves chat slots free): a
     # draft started beyond that would only wait for a slot, and a chat that came would wait for it.
-    at_once = max(1, settings.responder_slots - settings.responder_chat_slots) if yield_to_chats else settings.responder_slots
+    at_once = settings.responder_slots
+    if yield_to_chats:
+        at_once = getattr(pipeline.responder.backend, "draft_slots", at_once)
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         list(pool.map(draft, rows))
-    if yielded.is_set() and any("understanding" in row for row in rows):
+    undrafted = sum(row.get("understanding") is not None for row in rows)
+    if yielded.is_set() and undrafted:
         log.info("draft chunk %s: a chat waits; %d of %d drafts handed back behind it", self.request.id,
-                 sum("understanding" in row for row in rows), len(rows))
+                 undrafted, len(rows))
         return self.replace(draft_batch.s(rows, progress_key).set(priority=priority))
     _progress(progress_key, len(rows))
     return rows
