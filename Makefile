@@ -40,8 +40,9 @@ bench: install
 	TANDEM_RESPONDER_CPU_WEIGHTS=file HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_q4_1
 	TANDEM_RESPONDER_PREFIX_CACHE_MB=0 HF_HUB_OFFLINE=1 $(PY) -m bench serving --out serving_no_prefix_cache
 	HF_HUB_OFFLINE=1 $(PY) -m bench priority
-	TANDEM_GEN_POOL=threads HF_HUB_OFFLINE=1 $(PY) -m bench priority --out priority_threads
+	TANDEM_GEN_POOL=solo HF_HUB_OFFLINE=1 $(PY) -m bench priority --out priority_solo
+	HF_HUB_OFFLINE=1 $(PY) -m bench priority --tickets 1024 --no-in-line --out priority_large
 	HF_HUB_OFFLINE=1 $(PY) -m bench.peft
 	HF_HUB_OFFLINE=1 $(PY) -m bench.load
-	TANDEM_GEN_POOL=threads HF_HUB_OFFLINE=1 $(PY) -m bench.load --out load_threads
+	TANDEM_GEN_POOL=solo HF_HUB_OFFLINE=1 $(PY) -m bench.load --out load_solo
 	$(PY) -m bench report

@@ -467,6 +467,8 @@ def main() -> None:
     p.add_argument("--chats", type=count, default=4, help="chats sent at once while the job's drafts are queued")
     p.add_argument("--rounds", type=count, default=1)
     p.add_argument("--max-tokens", type=count, default=64)
+    p.add_argument("--in-line", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the job in line with chats (priority 0); a large job then takes many minutes")
     p.add_argument("--out", type=result_name, default="priority", help="result name under bench/results/")
     sub.add_parser("hardware")
     sub.add_parser("report")
@@ -481,8 +483,10 @@ def main() -> None:
                        env={**os.environ, "TANDEM_RESPONDER_CPU_WEIGHTS": "file"})
         # Chats during a ticket job, on each gen pool.
         subprocess.run([sys.executable, "-m", "bench", "priority"], check=True)
-        subprocess.run([sys.executable, "-m", "bench", "priority", "--out", "priority_threads"], check=True,
-                       env={**os.environ, "TANDEM_GEN_POOL": "threads"})
+        subprocess.run([sys.executable, "-m", "bench", "priority", "--out", "priority_solo"], check=True,
+                       env={**os.environ, "TANDEM_GEN_POOL": "solo"})
+        subprocess.run([sys.executable, "-m", "bench", "priority", "--tickets", "1024", "--no-in-line", "--out",
+                        "priority_large"], check=True)
         subprocess.run([sys.executable, "-m", "bench.peft"], check=True)
         subprocess.run([sys.executable, "-m", "bench", "report"], check=True)
         return

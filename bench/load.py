@@ -24,6 +24,7 @@ import httpx
 import psutil
 
 from bench.__main__ import count, free_port, result_name, save
+from pipeline.settings import Settings
 
 
 async def one_chat(client: httpx.AsyncClient, url: str, message: str) -> dict:
@@ -134,10 +135,10 @@ async def run(args) -> None:
         "chunks_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 1),
         "chat_seconds_p50": round(statistics.median(r["seconds"] for r in ok), 1) if ok else None,
         "memory_samples": memory[:: max(1, len(memory) // 6)] + memory[-1:],
-        "gen_pool": os.environ.get("TANDEM_GEN_POOL", "solo"),
+        "gen_pool": Settings().gen_pool,
         "note": ("the gen worker's thread pool hands concurrent chats to the batcher together"
-                 if os.environ.get("TANDEM_GEN_POOL") == "threads" else
-                 "the solo gen worker takes one chat at a time (TANDEM_GEN_POOL=threads batches them)"),
+                 if Settings().gen_pool == "threads" else
+                 "the solo gen worker takes one chat at a time (the threads pool batches them)"),
     })
 
 

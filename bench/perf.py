@@ -639,21 +639,22 @@ def bench_priority(args) -> None:
     with private_redis("tandem-priority-", TANDEM_MAX_TOKENS=str(args.max_tokens)):
         settings = Settings()
         load_or_build_index(settings, SentenceEncoder.from_settings(settings))
-        # As `tandem up` runs them on one machine (its default solo gen pool): llama.cpp gets one core.
+        # As `tandem up` runs them on one machine: llama.cpp gets one core.
         gen_env = {**os.environ, "TANDEM_RESPONDER_THREADS": str(max(1, (os.cpu_count() or 2) - 1))}
         with running_workers({"nlu": dict(os.environ), "gen": gen_env}):
             wait_for_queues({"nlu", "gen"})
             client = connect(settings.resolved_redis_url)
             rows = []
             for round_ in range(args.rounds):  # alternating: this machine's speed drifts within minutes
-                for priority in (9, 0):
+                for priority in (9, 0) if args.in_line else (9,):
                     n = (2 * round_ + (priority == 0)) * args.chats
                     rows.append(_chats_during_job(client, settings, job_texts, chat_texts[n:n + args.chats], priority))
                     print({k: v for k, v in rows[-1].items() if k != "first_token_ms"}, flush=True)
-    p50 = {p: statistics.median(r["first_token_ms_p50"] for r in rows if r["batch_priority"] == p) for p in (9, 0)}
+    p50 = {p: statistics.median(r["first_token_ms_p50"] for r in rows if r["batch_priority"] == p)
+           for p in (9, 0) if any(r["batch_priority"] == p for r in rows)}
     save(args.out, {"max_tokens": args.max_tokens, "chunk_size": Settings().batch_chunk_size,
                     "gen_pool": Settings().gen_pool, "rows": rows,
-                    "first_token_p50_in_line_over_behind": round(p50[0] / p50[9], 2)})
+                    "first_token_p50_in_line_over_behind": round(p50[0] / p50[9], 2) if 0 in p50 else None})
 
 
 # ----------------------------------------------------------------------------- hardware

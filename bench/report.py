@@ -119,12 +119,12 @@ def main() -> None:
                    f"{r['seconds']} s against `tandem up`: {r['chats']} chats, {r['errors']} errors, {r['truncated']} "
                    f"truncated, {r['interleaved']} interleaved; first token p50 {r['first_token_ms_p50']} ms, p95 "
                    f"{r['first_token_ms_p95']} ms; {r['chunks_per_s']} streamed chunks/s in all. {r['note']}.")
-        threads = load("load_threads")
-        if threads:
-            out.append(f"With `TANDEM_GEN_POOL=threads` (`python -m bench.load --out load_threads`, "
-                       f"{threads['machine']['date']}): {threads['chats']} chats, {threads['errors']} errors, first token "
-                       f"p50 {threads['first_token_ms_p50']} ms, p95 {threads['first_token_ms_p95']} ms; "
-                       f"{threads['chunks_per_s']} streamed chunks/s.")
+        solo = load("load_solo")
+        if solo:
+            out.append(f"With `TANDEM_GEN_POOL=solo` (`python -m bench.load --out load_solo`, "
+                       f"{solo['machine']['date']}): {solo['chats']} chats, {solo['errors']} errors, first token "
+                       f"p50 {solo['first_token_ms_p50']} ms, p95 {solo['first_token_ms_p95']} ms; "
+                       f"{solo['chunks_per_s']} streamed chunks/s.")
         samples = [(m["t"], sum(m["rss_mb"].values())) for m in r.get("memory_samples", [])]
         if len(samples) > 2:
             out.append(f"Memory of `tandem up` and its children: {samples[1][1]:.0f} MB at {samples[1][0]} s, "
@@ -215,7 +215,7 @@ def performance() -> list[str]:
         rss = serving["peak_rss_mb"]
         out.append(f"\nPeak RSS: gen worker {rss['gen_worker']} MB (limit 1,536), nlu worker {rss['nlu_worker']} MB "
                    "(limit 800).\n")
-    out.extend(priority_table([d for name in ("priority", "priority_threads") if (d := load(name))]))
+    out.extend(priority_table([d for name in PRIORITY_RUNS if (d := load(name))]))
     hardware = load("hardware")
     if hardware:
         e = hardware["encoder"]
@@ -258,15 +258,20 @@ def performance() -> list[str]:
     return out
 
 
+# Result names of `make bench`'s priority runs: the default (threads) pool, solo, and a job larger
+# than the threads pool's task slots (16 chunks of 32), with the job behind chats only.
+PRIORITY_RUNS = ("priority", "priority_solo", "priority_large")
+
+
 def priority_table(runs: list[dict]) -> list[str]:
     """Chats sent while a ticket job's drafts are queued: the job behind chats, and in line with them."""
     out: list[str] = []
     if not runs:
         return out
     first = runs[0]
-    out.append(f"**Chats during a ticket job**, `python -m bench priority` and `TANDEM_GEN_POOL=threads python -m bench "
-               f"priority --out priority_threads`: a job of {first['rows'][0]['job_tickets']} tickets with "
-               f"{first['max_tokens']}-token drafts (chunks of {first['chunk_size']}) is queued; once its tickets are "
+    out.append(f"**Chats during a ticket job**, `python -m bench priority`, `TANDEM_GEN_POOL=solo python -m bench priority "
+               "--out priority_solo` and `python -m bench priority --tickets 1024 --no-in-line --out priority_large`: a job "
+               f"with {first['max_tokens']}-token drafts (chunks of {first['chunk_size']}) is queued; once its tickets are "
                f"understood and its drafts wait for the gen worker, {first['rows'][0]['chats']} chats are sent at once. "
                "The job's tasks behind chats (`TANDEM_BATCH_PRIORITY=9`, shipped) and in line with them (`0`):\n")
     out.append("| gen pool | job's tasks | chats | failed | first token p50 | p95 | job's drafts in finished chunks before a chat's "
@@ -279,7 +284,8 @@ def priority_table(runs: list[dict]) -> list[str]:
             out.append(f"| {d['gen_pool']} | {where} | {r['chats']} | {r['failed']} | {ms(r['first_token_ms_p50'])} "
                        f"| {ms(r['first_token_ms_p95'])} | {span} of {r['job_tickets']} | {d['machine']['date']} |")
     out.append("\nChats' first token p50 with the job behind them, against in line: " + "; ".join(
-        f"{d['gen_pool']} pool {d['first_token_p50_in_line_over_behind']}× sooner" for d in runs) + ".\n")
+        f"{d['gen_pool']} pool, {d['rows'][0]['job_tickets']} tickets, {d['first_token_p50_in_line_over_behind']}× sooner"
+        for d in runs if d.get("first_token_p50_in_line_over_behind")) + ".\n")
     return out
 
 

@@ -114,12 +114,12 @@ class Settings(BaseSettings):
     # prompt; the help article of questions routed to it), reused instead of prefilled again.
     # About 23 KB a token on the bundled SmolLM2, 6-7 MB an article; 0 turns it off.
     responder_prefix_cache_mb: int = Field(default=128, ge=0)
-    # The gen worker's Celery pool. "solo" runs one reply task at a time (batch drafts still
-    # decode together; a draft chunk hands its remaining drafts back behind a waiting chat).
-    # "threads" runs one task per slot so concurrent chats decode together; it rides out a
-    # Redis restart mid-reply since workers.app.BrokerTransport (README, Workers and Redis).
-    # Under the 50-chat load test both served alike: prefill saturates 2 cores.
-    gen_pool: Literal["solo", "threads"] = "solo"
+    # The gen worker's Celery pool. "threads" runs one task per reply slot so concurrent chats
+    # decode together, and a chat waits for no draft chunk (bench priority, same machine: first
+    # token 4.8 s against 17.9 s on solo, 2026-12-03); it rides out a Redis restart mid-reply since
+    # workers.app.BrokerTransport (README, Workers and Redis). "solo" runs one task at a time
+    # (batch drafts still decode together; a draft chunk hands its rest back behind a waiting chat).
+    gen_pool: Literal["solo", "threads"] = "threads"
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: str = "none"
     max_tokens: int = 120

@@ -289,21 +289,28 @@ def understand_batch(tickets: list[dict], progress_key: str | None = None) -> li
 def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list[dict]:
     """Draft a reply for each understood ticket of a chunk.
 
-    On a solo pool, a chat that arrives while the chunk drafts would wait for all of it: the
-    task then starts no more drafts and, once those under way end, hands the rest of the
-    chunk (its finished rows kept) back to the queue behind the chat, under the same task id."""
+    A chat that arrives while chunks draft would wait for a whole chunk: on the solo pool for
+    the task, on the threads pool for a thread, all of which a large job's chunks can hold. A
+    chunk queued behind chats then starts no more drafts and, once those under way end, hands
+    the rest (its finished rows kept) back to the queue behind the chat, under the same task id."""
     pipeline, settings = get_pipeline(), _settings()
     # Behind chats for a reply slot too, at the priority the chunk was queued with (TANDEM_BATCH_PRIORITY).
     priority = int((self.request.delivery_info or {}).get("priority") or 0)
     limits = dataclasses.replace(pipeline.responder.limits, priority=priority)
-    yield_to_chats = priority > 0 and settings.gen_pool == "solo"
+    yield_to_chats = priority > 0
     yielded = threading.Event()
+    at_once = settings.responder_slots
+    if yield_to_chats:
+        # No more drafts at once, over every chunk this worker runs, than may decode (llama_cpp
+        # leaves chat slots free): a draft started beyond that only waits for a slot, and a
+        # chunk whose drafts all wait can hand back at once.
+        at_once = getattr(pipeline.responder.backend, "draft_slots", at_once)
+        gate = _draft_gate(at_once)
 
     def draft(row: dict) -> None:
         if row.get("understanding") is None:  # failed understanding, or drafted before the chunk was handed back
             return
-        if yield_to_chats and (yielded.is_set() or _chat_waits(priority)):
-            yielded.set()
+        if yield_to_chats and not _draft_turn(gate, priority, yielded):
             return
         understanding = row.pop("understanding")
         try:
@@ -311,13 +318,11 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
             row.update(reply=result.reply, grounded=result.grounded)
         except TandemError as exc:
             row["error"] = str(exc)
+        finally:
+            if yield_to_chats:
+                gate.release()
 
-    # All of a chunk's drafts at once: the responder batches their decoding. When handing back
-    # to chats, no more at once than drafts may decode (llama_cpp leaves chat slots free): a
-    # draft started beyond that would only wait for a slot, and a chat that came would wait for it.
-    at_once = settings.responder_slots
-    if yield_to_chats:
-        at_once = getattr(pipeline.responder.backend, "draft_slots", at_once)
+    # The chunk's drafts at once (the responder batches their decoding), within the gate.
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         list(pool.map(draft, rows))
     undrafted = sum(row.get("understanding") is not None for row in rows)
@@ -329,12 +334,46 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
     return rows
 
 
+_gate: threading.BoundedSemaphore | None = None
+_gate_lock = threading.Lock()
+_chat_seen = (0.0, -1, False)  # (monotonic time, priority, answer): _chat_waits' last answer
+_chat_lock = threading.Lock()
+
+
+def _draft_gate(size: int) -> threading.BoundedSemaphore:
+    """The draft slots every chunk in this process shares."""
+    global _gate
+    with _gate_lock:
+        if _gate is None:
+            _gate = threading.BoundedSemaphore(size)
+        return _gate
+
+
+def _draft_turn(gate: threading.BoundedSemaphore, priority: int, yielded: threading.Event) -> bool:
+    """Wait for a draft slot; False (and ``yielded`` set) once a chat waits ahead of the chunk."""
+    while not yielded.is_set():
+        if _chat_waits(priority):
+            yielded.set()
+        elif gate.acquire(timeout=0.5):
+            return True
+    return False
+
+
 def _chat_waits(priority: int) -> bool:
-    """Best effort: a Redis that cannot be asked lets the chunk carry on."""
-    try:
-        return waiting_ahead(_redis(), "gen", priority) > 0
-    except redis.RedisError:
-        return False
+    """Whether a task waits in the gen queue ahead of ``priority``. Every waiting draft thread
+    of every chunk asks, so one answer serves them all for a quarter of a second. Best effort:
+    a Redis that cannot be asked lets the chunk carry on."""
+    global _chat_seen
+    with _chat_lock:
+        seen_at, seen_for, answer = _chat_seen
+        if time.monotonic() - seen_at < 0.25 and seen_for == priority:
+            return answer
+        try:
+            answer = waiting_ahead(_redis(), "gen", priority) > 0
+        except redis.RedisError:
+            answer = False
+        _chat_seen = (time.monotonic(), priority, answer)
+        return answer
 
 
 @app.task(name="tandem.report_failure")

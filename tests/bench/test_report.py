@@ -108,5 +108,9 @@ def test_the_priority_block_sets_chats_behind_a_job_against_in_line_for_each_poo
     text = "\n".join(priority_table(runs))
     assert "| solo | behind chats (9) | 4 | 0 | 50,000 ms | 60,000 ms | 32 of 128 |" in text
     assert "| threads | in line (0) | 4 | 0 | 200,000 ms |" in text
-    assert "against in line: solo pool 4.0× sooner; threads pool 4.0× sooner." in text
+    assert "against in line: solo pool, 128 tickets, 4.0× sooner; threads pool, 128 tickets, 4.0× sooner." in text
+    behind_only = {**runs[1], "rows": [row(9, 5_000.0, [0, 0, 0, 0])], "first_token_p50_in_line_over_behind": None}
+    text = "\n".join(priority_table([*runs, behind_only]))
+    assert "| threads | behind chats (9) | 4 | 0 | 5,000 ms |" in text
+    assert text.count("× sooner") == 2, "a run without the job in line has no ratio"
     assert priority_table([]) == []

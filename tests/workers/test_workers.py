@@ -76,24 +76,17 @@ def test_one_gen_worker_streams_concurrent_replies_together(workers, redis_clien
     # scope or handed off, in one token, and then there is no streaming to overlap.
     messages = ["How long does card delivery take?", "What is the fee for an international transfer?",
                 "How do I activate my card?"]
-    workers.kill("gen")
-    workers.start("gen", env={"TANDEM_GEN_POOL": "threads"})
-    try:
-        ids = [submit_message(m, use_cache=False) for m in messages]
-        spans = _stream_together(redis_client, ids)
-    finally:
-        workers.kill("gen")
-        workers.start("gen")  # the session's solo-pool worker, for the tests after this one
+    ids = [submit_message(m, use_cache=False) for m in messages]  # the session's gen worker: threads pool
+    spans = _stream_together(redis_client, ids)
     first_ends = min(end for _, end in spans)
     assert sum(start < first_ends for start, _ in spans) >= 2, f"replies streamed one after another: {spans}"
 
 
-def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, redis_client, redis_server):
+def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, worker_settings, redis_client, redis_server):
     """Redis restarts while a threads-pool gen worker is writing three replies: each reply
     still ends in `done` with all its tokens, and the same worker serves the next message."""
     messages = ["How do I activate my card?", "How do I change my PIN?", "Can I top up by bank transfer?"]
-    workers.kill("gen")
-    workers.start("gen", env={"TANDEM_GEN_POOL": "threads"})
+    assert worker_settings.gen_pool == "threads", "the session's gen worker runs the default pool"
     try:
         ids = [submit_message(m, use_cache=False) for m in messages]
         next(e for e in stream_reply(redis_client, ids[0], timeout_s=120) if e[1] == "token")
@@ -111,8 +104,8 @@ def test_threads_pool_worker_rides_out_a_redis_restart_mid_reply(workers, redis_
         after = events_of(redis_client, submit_message("How do I freeze my card?", use_cache=False))
         assert after[-1][1] == "done"
     finally:
-        workers.kill("gen")
-        workers.start("gen")  # the session's solo-pool worker, for the tests after this one
+        if workers.processes["gen"].poll() is not None:
+            workers.start("gen")  # for the tests after this one
 
 
 def test_gen_worker_killed_mid_reply_resumes_the_stream_without_repeating_it(workers, redis_client):
@@ -412,21 +405,63 @@ def test_a_chat_does_not_wait_for_the_draft_chunk_a_solo_gen_worker_is_on(worker
     from workers.app import queued_tasks, tasks_in_broker
     from workers.tasks import draft_batch, understand_batch
 
-    assert worker_settings.gen_pool == "solo" and worker_settings.batch_priority == 9
-    tickets = [{"id": str(i), "text": f"How do I top up my account by bank transfer? ({i})"} for i in range(12)]
-    job = chain(understand_batch.s(tickets).set(priority=9), draft_batch.s().set(priority=9)).apply_async()
-    wait_until(lambda: job.parent.ready() and queued_tasks(redis_client, "gen") == 0 and job.id in tasks_in_broker(),
-               120, "the gen worker drafting the chunk")
-    reply_id = submit_message("How long does card delivery take?", use_cache=False)
-    first = next(kind for _, kind, _ in stream_reply(redis_client, reply_id, timeout_s=180) if kind in ("token", "done"))
-    chunk_finished_first = job.ready()
-    rows = job.get(timeout=300)
+    assert worker_settings.batch_priority == 9
+    workers.kill("gen")
+    workers.start("gen", env={"TANDEM_GEN_POOL": "solo"})
+    try:
+        tickets = [{"id": str(i), "text": f"How do I top up my account by bank transfer? ({i})"} for i in range(12)]
+        job = chain(understand_batch.s(tickets).set(priority=9), draft_batch.s().set(priority=9)).apply_async()
+        wait_until(lambda: job.parent.ready() and queued_tasks(redis_client, "gen") == 0 and job.id in tasks_in_broker(),
+                   120, "the gen worker drafting the chunk")
+        reply_id = submit_message("How long does card delivery take?", use_cache=False)
+        first = next(kind for _, kind, _ in stream_reply(redis_client, reply_id, timeout_s=180)
+                     if kind in ("token", "done"))
+        chunk_finished_first = job.ready()
+        rows = job.get(timeout=300)
+    finally:
+        workers.kill("gen")
+        workers.start("gen")  # the session's threads-pool worker, for the tests after this one
     assert first == "token"
     assert not chunk_finished_first, "the chat waited for the whole draft chunk"
     assert [row["id"] for row in rows] == [t["id"] for t in tickets]
     assert all(row.get("reply") and "error" not in row and "understanding" not in row for row in rows)
     log = "\n".join(path.read_text(errors="replace") for path in workers.logs.iterdir())
     assert "drafts handed back behind it" in log
+
+
+def test_a_chat_gets_a_thread_while_a_job_holds_every_thread_of_the_gen_worker(workers, worker_settings, redis_client):
+    """The threads pool runs a task per reply slot (4 here), and a job of more draft chunks than
+    that takes them all. A chat sent then must not wait for a whole chunk: chunks whose drafts
+    wait for the one draft slot hand back at once, and the chat gets a thread and its first token
+    before any chunk is finished. The job still gets every row drafted once."""
+    from celery import chain
+
+    from workers.app import app, queued_tasks
+    from workers.tasks import draft_batch, understand_batch
+
+    assert worker_settings.gen_pool == "threads" and worker_settings.batch_priority == 9
+    assert worker_settings.responder_slots == 4
+    jobs = []
+    for chunk in range(6):
+        tickets = [{"id": f"{chunk}-{i}", "text": f"How do I top up my account by bank transfer? ({chunk}, {i})"}
+                   for i in range(4)]
+        jobs.append((tickets, chain(understand_batch.s(tickets).set(priority=9),
+                                    draft_batch.s().set(priority=9)).apply_async()))
+
+    def every_thread_drafts() -> bool:
+        active = [t for tasks in (app.control.inspect(timeout=1).active() or {}).values() for t in tasks]
+        return sum(t["name"] == "tandem.draft_batch" for t in active) == 4 and queued_tasks(redis_client, "gen") > 0
+
+    wait_until(every_thread_drafts, 120, "the job's chunks on all four threads")
+    reply_id = submit_message("How long does card delivery take?", use_cache=False)
+    first = next(kind for _, kind, _ in stream_reply(redis_client, reply_id, timeout_s=180) if kind in ("token", "done"))
+    finished_first = [job.id for _, job in jobs if job.ready()]
+    results = [(tickets, job.get(timeout=300)) for tickets, job in jobs]
+    assert first == "token"
+    assert not finished_first, f"the chat waited for a chunk to finish: {finished_first}"
+    for tickets, rows in results:
+        assert [row["id"] for row in rows] == [t["id"] for t in tickets]
+        assert all(row.get("reply") and "error" not in row and "understanding" not in row for row in rows)
 
 
 def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_settings, redis_client):
