@@ -84,8 +84,9 @@ class Meta:
 @dataclass
 class Token:
     text: str
-    from_guard: bool = False  # help-centre sentences the guard appended, not generated text
-    restart: bool = False  # begins a second draft: the draft text streamed before it is withdrawn
+    from_guard: bool = False  # help-centre sentences the guard appended or quoted, not generated text
+    restart: bool = False  # the text streamed before it is withdrawn: a second draft or the quoted answer begins
+    quoted: bool = False  # the guard's answer quoted from the passages, in place of the drafts it rejected
 
 
 @dataclass
@@ -244,11 +245,11 @@ class HybridPipeline:
             hold = self.settings.guard_hold_sentences
             streamed = restart = False
 
-            def release(text: str) -> Token:
+            def release(text: str, quoted: bool = False) -> Token:
                 nonlocal streamed, restart
                 if "first_token" not in timings:
                     timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
-                token = Token(text, restart=restart)
+                token = Token(text, from_guard=quoted, restart=restart, quoted=quoted)
                 streamed, restart = True, False
                 return token
 
@@ -297,6 +298,11 @@ class HybridPipeline:
             if not accepted:
                 reply = self.guard.extractive_answer(understanding.message, shown)
                 grounded = False
+                # Streamed like any reply, so a client that shows the tokens since the last restart
+                # shows the reply; it withdraws the rejected draft the client has shown, if any.
+                restart = streamed
+                if reply:
+                    yield release(reply, quoted=True)
             else:
                 if hold and draft[checked:]:
                     yield release(draft[checked:])  # the last sentence, which no break followed
@@ -318,9 +324,10 @@ class HybridPipeline:
     @property
     def reply_identity(self) -> str:
         """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
+        # "q": the guard's quoted answer streams as a token; replies cached before it did are not served.
         return (f"{self.responder.identity}|{self.guard.identity}|"
                 f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}"
-                f"{int(self.settings.guard_second_draft)}")
+                f"{int(self.settings.guard_second_draft)}q")
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

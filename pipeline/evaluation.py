@@ -65,6 +65,8 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
         completed = second_draft = False
         for event in pipeline.stream(question["question"]):
             if isinstance(event, Token):
+                if event.quoted:  # the guard's answer in place of the drafts: neither a completion nor a draft
+                    continue
                 completed |= event.from_guard
                 second_draft |= event.restart
                 if not event.from_guard and not second_draft:  # "before the guard" is the first draft

@@ -493,16 +493,15 @@ async def openai_chunks(events, completion_id: str, created: int, model: str) ->
     streamed = False
     async for _, kind, data in events:
         if kind == "token":
-            # A second draft cannot withdraw the first from an OpenAI client: mark where it starts.
-            text = f"\n\n[Correction] {data['text'].lstrip()}" if data.get("restart") and streamed else data["text"]
+            text = data["text"]
+            # An OpenAI client cannot take back a draft that went out: mark where what replaces it
+            # starts. With TANDEM_GUARD_HOLD_SENTENCES none may have: then there is nothing to mark.
+            if data.get("restart") and streamed:
+                label = "[Correction, quoted from our help centre]" if data.get("quoted") else "[Correction]"
+                text = f"\n\n{label} {text.lstrip()}"
             streamed = streamed or bool(data["text"].strip())
             yield chunk({"content": text})
         elif kind == "done":
-            if not data.get("grounded", True):
-                # A draft that went out cannot be recalled: say so and give the quoted answer. With
-                # TANDEM_GUARD_HOLD_SENTENCES none may have: then the quoted answer is the reply.
-                yield chunk({"content": f"\n\n[Correction, quoted from our help centre] {data['reply']}" if streamed
-                             else data["reply"]})
             yield chunk({}, "stop", tandem=extension(data))
         elif kind == "error":
             yield f"data: {json.dumps(error_body(data.get('message', 'generation failed'), 'server_error'))}\n\n"

@@ -240,7 +240,10 @@ def ask(
                       f"{', '.join(dict.fromkeys(p.article_id for p in u.passages[:pipeline.responder.max_passages])) or '-'}[/]",
                       highlight=False)
         elif isinstance(event, Token) and not as_json:
-            if event.restart and drafted:  # a terminal cannot take the rejected draft back
+            if event.quoted:  # a terminal cannot take the rejected draft back: say what replaces it
+                console.print("\n[yellow]The draft above was not supported by the help articles; the answer quoted "
+                              "from them is:[/]" if drafted else "[yellow]Quoted from the help articles:[/]")
+            elif event.restart and drafted:
                 console.print("\n[yellow]The draft above was not supported by the help articles; a new one:[/]")
             drafted = drafted or bool(event.text.strip())
             console.print(event.text, end="", highlight=False, markup=False, soft_wrap=True)
@@ -250,10 +253,6 @@ def ask(
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return
     console.print()
-    if not result.grounded:
-        console.print("[yellow]The draft above was not supported by the help articles; the answer quoted from "
-                      "them is:[/]" if drafted else "[yellow]Quoted from the help articles:[/]")
-        console.print(result.reply, highlight=False, markup=False)
     shown = {p["article_id"]: p for p in reversed(result.passages) if p["article_id"] in result.sources}
     for passage in reversed(shown.values()):
         err.print(f"[dim]source: {passage['title']} {passage['url']}[/]", highlight=False)

@@ -3,8 +3,10 @@ conversation memory.
 
 A reply streams through ``tandem:reply:{reply_id}`` as events ``meta``, ``token``...,
 then ``done`` or ``error``; each entry holds ``event`` and a JSON ``data`` field. A token
-with ``"restart": true`` begins a second draft after the guard rejected the first: a client
-replaces the text it showed. A consumer resumes after the last id it saw, so a reconnect
+with ``"restart": true`` begins a second draft after the guard rejected the first, or the
+answer the guard quoted from the help centre after it rejected every draft (that token also
+carries ``"quoted": true``): a client replaces the text it showed. The tokens from the last
+restart on, joined, are the reply ``done`` carries. A consumer resumes after the last id it saw, so a reconnect
 loses nothing and repeats nothing.
 """
 
@@ -149,12 +151,12 @@ class ResumingWriter:
         if not self.resumed:
             self.stream.publish("meta", data)
 
-    def token(self, text: str, restart: bool = False) -> None:
+    def token(self, text: str, restart: bool = False, quoted: bool = False) -> None:
         """Resuming compares all the token text written so far, both drafts' (a retry that
         replays the same drafts writes the restart at the same place)."""
         start = len(self.produced)
         self.produced += text
-        flag = {"restart": True} if restart else {}
+        flag = {**({"restart": True} if restart else {}), **({"quoted": True} if quoted else {})}
         if not self.resumed:
             self.stream.publish("token", {"text": text, **flag})
             return

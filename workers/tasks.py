@@ -226,7 +226,7 @@ def _write_reply(stream: ReplyStream, understanding: dict, reply_id: str, sessio
         if cached:
             writer.meta(_meta(u, cached=True))
             for piece in cached["tokens"]:
-                writer.token(piece["text"], piece.get("restart", False))
+                writer.token(piece["text"], piece.get("restart", False), piece.get("quoted", False))
             result = {**cached["result"], "cached": True}
         else:
             tokens: list[dict] = []
@@ -237,8 +237,9 @@ def _write_reply(stream: ReplyStream, understanding: dict, reply_id: str, sessio
                     if isinstance(event, Meta):
                         writer.meta(_meta(u, cached=False))
                     elif isinstance(event, Token):
-                        tokens.append({"text": event.text, "restart": True} if event.restart else {"text": event.text})
-                        writer.token(event.text, event.restart)
+                        tokens.append({"text": event.text, **({"restart": True} if event.restart else {}),
+                                       **({"quoted": True} if event.quoted else {})})
+                        writer.token(event.text, event.restart, event.quoted)
                     elif isinstance(event, Done):
                         result = {**event.result.to_dict(), "cached": False}
             if use_cache and not history:

@@ -116,7 +116,8 @@ def test_generation_stops_at_the_first_sentence_the_guard_rejects(pipeline, monk
     result = events[-1].result
     assert not result.grounded
     assert result.reply == pipeline.guard.extractive_answer(DELIVERY_QUESTION, result_passages(pipeline))
-    assert "".join(e.text for e in events if isinstance(e, Token)) == "Delivery takes 9 working days. "  # not "We"
+    drafted = "".join(e.text for e in events if isinstance(e, Token) and not e.quoted)
+    assert drafted == "Delivery takes 9 working days. "  # not "We"
 
 
 def test_stopping_early_changes_how_much_is_decoded_not_the_reply(pipeline, monkeypatch):
@@ -146,8 +147,10 @@ def test_held_sentences_stream_only_once_the_guard_has_passed_them(pipeline, mon
     assert events[-1].result.grounded and "first_token" in events[-1].result.timings_ms
 
     events, record = _recorded_draft(pipeline, monkeypatch, [*passing[:2], *REJECTED_DRAFT])
-    assert [e.text for e in events if isinstance(e, Token)] == [passing[0] + passing[1]]  # not a word of the rest
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [t.text for t in tokens[:-1]] == [passing[0] + passing[1]]  # not a word of the rest
     assert record == {"read": 3, "closed": True, "instructions": [ANSWER]} and not events[-1].result.grounded
+    assert tokens[-1].quoted and tokens[-1].restart  # the quoted answer withdraws the sentence shown
 
 
 # A greedy small model going round: the same sentence again, until max_tokens.
@@ -208,6 +211,22 @@ def test_when_both_drafts_fail_the_reply_quotes_the_article(pipeline, monkeypatc
     result = events[-1].result
     assert not result.grounded
     assert result.reply == pipeline.guard.extractive_answer(DELIVERY_QUESTION, result_passages(pipeline))
+    # The quoted answer streams, withdrawing the rejected drafts the client was shown.
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [t.quoted for t in tokens] == [False, False, True]
+    assert tokens[-1].restart and tokens[-1].from_guard and tokens[-1].text == result.reply
+    assert result.reply == since_last_restart(tokens)
+    assert result.timings_ms["first_token"] < result.timings_ms["total"]
+
+
+def test_a_quoted_answer_after_held_drafts_that_showed_nothing_is_the_only_token(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline.settings, "guard_hold_sentences", True)
+    events, _ = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, REJECTED_DRAFT)
+    tokens = [e for e in events if isinstance(e, Token)]
+    result = events[-1].result
+    assert len(tokens) == 1 and tokens[0].quoted and not tokens[0].restart
+    assert not result.grounded and tokens[0].text == result.reply
+    assert "first_token" in result.timings_ms
 
 
 def test_a_held_rejected_draft_showed_nothing_so_the_second_does_not_restart(pipeline, monkeypatch):

@@ -336,8 +336,10 @@ def test_redis_restart_under_load(api, redis_server):
 
 
 @pytest.mark.parametrize("tokens, expected", [
-    (["We charge £9. "], "We charge £9. \n\n[Correction, quoted from our help centre] Delivery is free."),
-    ([], "Delivery is free."),  # a held draft rejected at its first sentence: nothing to correct
+    (["We charge £9. ", {"text": "Delivery is free.", "restart": True, "quoted": True}],
+     "We charge £9. \n\n[Correction, quoted from our help centre] Delivery is free."),
+    # a held draft rejected at its first sentence: nothing to correct
+    ([{"text": "Delivery is free.", "quoted": True}], "Delivery is free."),
 ])
 def test_an_unsupported_draft_is_corrected_only_where_it_streamed(tokens, expected):
     assert _openai_content(tokens, {"grounded": False, "reply": "Delivery is free."}) == expected

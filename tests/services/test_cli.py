@@ -196,3 +196,25 @@ def test_worker_and_batch_reject_bad_arguments(tmp_path):
                        "tickets must be .csv")
     assert_clean_error(run(["batch", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl")], tmp_path),
                        "no such file")
+
+
+def test_ask_shows_the_guards_quoted_answer_once_in_place_of_a_rejected_draft(pipeline, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.responder import ANSWER
+    from services import cli
+
+    # The generator is replaced by drafts the guard rejects: this tests what the terminal shows.
+    monkeypatch.setattr(pipeline.settings, "guard_second_draft", False)
+    monkeypatch.setattr(pipeline.responder, "stream", lambda *a, instruction=ANSWER, **k: (
+        p for p in ["Delivery takes 9 working days. ", "It is free."]))
+    monkeypatch.setattr(cli, "_load_pipeline", lambda load_responder=True: pipeline)
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps at the terminal width
+    result = CliRunner().invoke(cli.app, ["ask", "How long does card delivery take?"])
+    assert result.exit_code == 0, result.output
+    quoted = pipeline.guard.extractive_answer("How long does card delivery take?",
+                                              pipeline.understand(["How long does card delivery take?"])[0].passages[:1])
+    draft, answer = result.stdout.split("The draft above was not supported by the help articles; the answer quoted "
+                                        "from them is:")
+    assert "Delivery takes 9 working days." in draft
+    assert answer.strip() == quoted and result.stdout.count(quoted) == 1

@@ -150,6 +150,20 @@ def test_a_second_draft_restarts_the_stream_once_across_a_redelivery(client, die
     assert restarts == ["Freeze "]  # once, on the second draft's first piece, whoever wrote it
 
 
+def test_the_guards_quoted_answer_keeps_its_flags_across_a_redelivery(client):
+    stream = ReplyStream(client, f"r{time.time_ns()}", maxlen=100, ttl_s=60)
+    for die_after in (1, None):
+        writer = ResumingWriter(stream)
+        writer.meta({"intent": "x"})
+        writer.token("We charge £9. ")
+        if die_after:
+            continue
+        writer.token("Delivery is free.", restart=True, quoted=True)
+        writer.done({"reply": "Delivery is free."})
+    tokens = [d for kind, d in _events(client, stream) if kind == "token"]
+    assert tokens == [{"text": "We charge £9. "}, {"text": "Delivery is free.", "restart": True, "quoted": True}]
+
+
 def test_a_writer_that_was_superseded_cannot_add_to_the_stream(client):
     """A worker taken for dead that wakes up again must not interleave its text with the
     text of the worker that took its reply over."""
