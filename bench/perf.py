@@ -585,13 +585,20 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
     tickets = [{"id": f"{run}-{i}", "text": text} for i, text in enumerate(job_texts)]
     progress_key = f"tandem:bench:{run}:progress"
     stop = threading.Event()
-    job = threading.Thread(target=lambda: [None for _ in process_chunks(
-        length_sorted_chunks(tickets, settings.batch_chunk_size), True, progress_key, cancelled=stop.is_set,
-        priority=priority)])
+    drafted = [0]  # the job's rows in finished chunks, as its driver collects them (it polls every 0.2 s)
+
+    def run_job() -> None:
+        for rows in process_chunks(length_sorted_chunks(tickets, settings.batch_chunk_size), True, progress_key,
+                                   cancelled=stop.is_set, priority=priority, in_flight=settings.batch_chunks_in_flight):
+            drafted[0] += len(rows)
+
+    job = threading.Thread(target=run_job)
     job.start()
     # Understood (fast) and drafting (slow): the job's other draft chunks wait on the gen queue.
+    # A job keeps TANDEM_BATCH_CHUNKS_IN_FLIGHT chunks queued, so a large one is never all understood.
+    understood = min(len(tickets), settings.batch_chunks_in_flight * settings.batch_chunk_size)
     deadline = time.monotonic() + 300
-    while int(client.get(progress_key) or 0) < len(tickets) and time.monotonic() < deadline:
+    while int(client.get(progress_key) or 0) < understood and time.monotonic() < deadline:
         time.sleep(0.05)
     queued = queued_tasks(client, "gen")
     first_ms: list[float] = []
@@ -604,7 +611,7 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
         for _, kind, _ in stream_reply(client, reply_id, timeout_s=900):  # in line with the job: minutes
             if kind in ("token", "done") and first is None:
                 first = (time.perf_counter() - t0) * 1000
-                drafted_before.append(int(client.get(progress_key) or 0) - len(tickets))
+                drafted_before.append(drafted[0])
         first_ms.append(first if first is not None else float("nan"))
 
     started = time.perf_counter()
@@ -653,6 +660,7 @@ def bench_priority(args) -> None:
     p50 = {p: statistics.median(r["first_token_ms_p50"] for r in rows if r["batch_priority"] == p)
            for p in (9, 0) if any(r["batch_priority"] == p for r in rows)}
     save(args.out, {"max_tokens": args.max_tokens, "chunk_size": Settings().batch_chunk_size,
+                    "chunks_in_flight": Settings().batch_chunks_in_flight,
                     "gen_pool": Settings().gen_pool, "rows": rows,
                     "first_token_p50_in_line_over_behind": round(p50[0] / p50[9], 2) if 0 in p50 else None})
 

@@ -269,10 +269,13 @@ def priority_table(runs: list[dict]) -> list[str]:
     if not runs:
         return out
     first = runs[0]
+    # Runs from before TANDEM_BATCH_CHUNKS_IN_FLIGHT queued every chunk at once and record no window.
+    window = next((d["chunks_in_flight"] for d in runs if "chunks_in_flight" in d), None)
+    which = f" (at most the {window} chunks it keeps in flight)" if window else ""
     out.append(f"**Chats during a ticket job**, `python -m bench priority`, `TANDEM_GEN_POOL=solo python -m bench priority "
                "--out priority_solo` and `python -m bench priority --tickets 1024 --no-in-line --out priority_large`: a job "
-               f"with {first['max_tokens']}-token drafts (chunks of {first['chunk_size']}) is queued; once its tickets are "
-               f"understood and its drafts wait for the gen worker, {first['rows'][0]['chats']} chats are sent at once. "
+               f"with {first['max_tokens']}-token drafts (chunks of {first['chunk_size']}) is queued; once its tickets{which} "
+               f"are understood and its drafts wait for the gen worker, {first['rows'][0]['chats']} chats are sent at once. "
                "The job's tasks behind chats (`TANDEM_BATCH_PRIORITY=9`, shipped) and in line with them (`0`):\n")
     out.append("| gen pool | job's tasks | chats | failed | first token p50 | p95 | job's drafts in finished chunks before a chat's "
                "first token | ran |\n|---|---|---|---|---|---|---|---|")

@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     memory_ttl_s: int = 86400
     result_ttl_s: int = 86400
     batch_chunk_size: int = 32
+    # A job keeps at most this many chunks queued or running, and queues the next as one finishes:
+    # jobs running together then take turns on the workers instead of each waiting for every chunk
+    # of those started before it. Enough to keep a few workers busy; raise it with more workers.
+    batch_chunks_in_flight: int = Field(default=16, ge=1)
     # Broker priority of batch tasks (0 first, 9 last; Redis serves 0-2, 3-5, 6-8 and 9 as four
     # levels). Chats' tasks go at 0, so with 9 a chat waits for the chunk a worker is on, not for
     # every chunk a job has queued ahead of it. 0 puts batch chunks in line with chats.

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Sett
     client = redis.Redis.from_url(settings.resolved_redis_url)
 
     with partial.open("a", encoding="utf-8") as sink:
-        for rows in process_chunks(chunks, drafts, progress_key, outage_s, priority=settings.batch_priority):
+        for rows in process_chunks(chunks, drafts, progress_key, outage_s, priority=settings.batch_priority,
+                                   in_flight=settings.batch_chunks_in_flight):
             for row in rows:
                 results[row["id"]] = row
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -147,10 +149,11 @@ def length_sorted_chunks(tickets: list[dict], size: int) -> list[list[dict]]:
 
 
 def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | None, outage_s: float = 60.0,
-                   cancelled: Callable[[], bool] = lambda: False, *, priority: int,
+                   cancelled: Callable[[], bool] = lambda: False, *, priority: int, in_flight: int,
                    lost_check_s: float = 30.0) -> Iterator[list[dict]]:
     """Fan chunks out to the workers; yield each chunk's rows as it finishes (any order).
-    Every chunk is queued at once, at broker ``priority`` (TANDEM_BATCH_PRIORITY), behind chats.
+    Chunks are queued at broker ``priority`` (TANDEM_BATCH_PRIORITY), behind chats, at most
+    ``in_flight`` at a time (TANDEM_BATCH_CHUNKS_IN_FLIGHT): the next is queued as one finishes.
 
     When no chunk has finished for ``lost_check_s``, the chunks the broker no longer holds
     (see ``_lost``) are queued again, so a lost task message cannot stall the job for ever."""
@@ -163,10 +166,16 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
             signature = chain(signature, draft_batch.s(progress_key).set(priority=priority))
         return _retry(lambda: signature.apply_async(), outage_s)
 
+    waiting = deque(chunks)
     pending = {}
-    for chunk in chunks:
-        submitted = submit(chunk)
-        pending[submitted.id] = (submitted, chunk, 0)
+
+    def top_up() -> None:
+        while waiting and len(pending) < in_flight:
+            chunk = waiting.popleft()
+            submitted = submit(chunk)
+            pending[submitted.id] = (submitted, chunk, 0)
+
+    top_up()
     last_finished = time.monotonic()
     while pending:
         if cancelled():
@@ -197,6 +206,7 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
             rows = result if isinstance(result, list) else [{**t, "error": f"worker failed: {result}"} for t in chunk]
             for row in rows:
                 row.pop("understanding", None)
+            top_up()
             yield rows
         if pending:
             time.sleep(0.2)

@@ -131,7 +131,8 @@ class JobStore:
             try:
                 for rows in process_chunks(length_sorted_chunks(todo, self.settings.batch_chunk_size),
                                            status["drafts"], None, outage_s=60, cancelled=stop,
-                                           priority=self.settings.batch_priority):
+                                           priority=self.settings.batch_priority,
+                                           in_flight=self.settings.batch_chunks_in_flight):
                     self._write(job_id, rows)
             except TandemError:
                 self._end(job_id, "failed")

@@ -293,6 +293,32 @@ def test_batch_chunks_hold_tickets_of_like_length_and_each_ticket_once():
     assert all(max(shorter) <= min(longer) for shorter, longer in zip(lengths, lengths[1:]))
 
 
+def test_a_job_started_later_takes_turns_with_one_already_running(workers, worker_settings):
+    """Each job keeps TANDEM_BATCH_CHUNKS_IN_FLIGHT chunks queued (2 here), so the chunks of a job
+    started later queue behind two of the first job's, not behind all forty: it finishes while
+    the first is still running. Queued all at once, it would finish after the first."""
+    from workers.batch import process_chunks
+
+    finished: list[str] = []  # the job each finished chunk belongs to, in the order they finished
+
+    def job(name: str, n: int) -> None:
+        tickets = [{"id": f"{name}{i}", "text": f"How do I top up my account by card? ({name} {i})"} for i in range(n)]
+        for rows in process_chunks(length_sorted_chunks(tickets, 4), False, None,
+                                   priority=worker_settings.batch_priority, in_flight=2):
+            assert all("error" not in row for row in rows), rows
+            finished.append(name)
+
+    first, first_box = run_in_thread(lambda: job("a", 160))
+    wait_until(lambda: "a" in finished, 120, "the first job's first chunk")
+    second, second_box = run_in_thread(lambda: job("b", 8))
+    for thread in (first, second):
+        thread.join(300)
+    assert "error" not in first_box and "error" not in second_box, (first_box, second_box)
+    assert finished.count("a") == 40 and finished.count("b") == 2
+    last_of_second = max(i for i, name in enumerate(finished) if name == "b")
+    assert finished[last_of_second:].count("a") >= 20, finished
+
+
 def test_batch_with_drafts(workers, tmp_path):
     write_tickets(tmp_path / "t.jsonl", 3)
     run_batch(tmp_path / "t.jsonl", tmp_path / "out.jsonl", drafts=True, chunk_size=1)
@@ -462,7 +488,7 @@ def test_a_chat_gets_a_thread_while_a_job_holds_every_thread_of_the_gen_worker(w
 
 
 def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_settings, redis_client):
-    """A job queues all its chunks at once, at TANDEM_BATCH_PRIORITY (9): a chat sent after
+    """A job queues its chunks at TANDEM_BATCH_PRIORITY (9), here all at once: a chat sent after
     them is taken before them. With the worker stopped while both are queued, the chat's
     reply starts with at most a chunk or two of the 1,000 tickets done, not all of them."""
     from workers.app import queued_tasks
@@ -474,7 +500,8 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
     progress_key = "tandem:test:priority:progress"
     chunks = length_sorted_chunks(tickets, 25)
     thread, box = run_in_thread(lambda: [row for rows in process_chunks(chunks, False, progress_key,
-                                                                        priority=worker_settings.batch_priority)
+                                                                        priority=worker_settings.batch_priority,
+                                                                        in_flight=len(chunks))
                                          for row in rows])
     wait_until(lambda: queued_tasks(redis_client, "nlu") == len(chunks), 30, "the job queued")
     reply_id = submit_message("I lost my card", use_cache=False)
