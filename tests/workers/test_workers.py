@@ -341,6 +341,15 @@ def test_bad_ticket_files_get_clear_errors(tmp_path):
         read_tickets(tmp_path / "d.csv")
 
 
+def workers_idle(client) -> bool:
+    """No task queued, and none running on any worker."""
+    from workers.app import QUEUES, app, queued_tasks
+
+    if sum(queued_tasks(client, queue) for queue in QUEUES):
+        return False
+    return not any((app.control.inspect(timeout=1).active() or {"": [1]}).values())
+
+
 def run_in_thread(target):
     box: dict = {}
 
@@ -495,6 +504,10 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
     from workers.batch import process_chunks
 
     assert worker_settings.batch_priority == 9
+    # The chat's reply needs a gen thread: start once earlier tests' chunks, and their copies
+    # redelivered after the 5 s visibility timeout of these workers, have all run.
+    wait_until(lambda: workers_idle(redis_client) and (time.sleep(1) or workers_idle(redis_client)), 600,
+               "the workers idle")
     workers.kill("nlu")  # the job's 40 chunks and the chat both wait for the next nlu worker
     tickets = [{"id": str(i), "text": f"Where is the card I ordered last week? ({i})"} for i in range(1000)]
     progress_key = "tandem:test:priority:progress"
