@@ -576,7 +576,7 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
     worker, send ``chats`` at once and time each one's first text. The job is then cancelled."""
     import uuid
 
-    from workers.app import QUEUES, app, queued_tasks
+    from workers.app import queued_tasks, workers_idle
     from workers.batch import length_sorted_chunks, process_chunks
     from workers.client import submit_message
     from workers.streams import stream_reply
@@ -624,8 +624,7 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
     stop.set()
     job.join()
     # The chunk a worker is on finishes; what the job had queued is revoked. Start the next run idle.
-    while sum(queued_tasks(client, q) for q in QUEUES) or any(
-            (app.control.inspect(timeout=1).active() or {"": [1]}).values()):
+    while not workers_idle(client):
         time.sleep(0.5)
     ok = [v for v in first_ms if v == v]
     return {"batch_priority": priority, "job_tickets": len(tickets), "draft_tasks_queued_when_chats_sent": queued,

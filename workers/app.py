@@ -41,6 +41,13 @@ def queued_tasks(client: redis.Redis, queue: str) -> int:
     return sum(client.llen(key) for key in queue_keys(queue))
 
 
+def workers_idle(client: redis.Redis) -> bool:
+    """No task waits in any queue and no worker runs one (a worker that does not answer counts as busy)."""
+    if sum(queued_tasks(client, queue) for queue in QUEUES):
+        return False
+    return not any((app.control.inspect(timeout=1).active() or {"": [1]}).values())
+
+
 def waiting_ahead(client: redis.Redis, queue: str, priority: int) -> int:
     """Tasks waiting in ``queue`` that a worker takes before one of ``priority``: those in
     kombu's lists for lower priority numbers (a chat's 0 ahead of a batch job's 9)."""

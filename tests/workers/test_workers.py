@@ -341,15 +341,6 @@ def test_bad_ticket_files_get_clear_errors(tmp_path):
         read_tickets(tmp_path / "d.csv")
 
 
-def workers_idle(client) -> bool:
-    """No task queued, and none running on any worker."""
-    from workers.app import QUEUES, app, queued_tasks
-
-    if sum(queued_tasks(client, queue) for queue in QUEUES):
-        return False
-    return not any((app.control.inspect(timeout=1).active() or {"": [1]}).values())
-
-
 def run_in_thread(target):
     box: dict = {}
 
@@ -500,7 +491,7 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
     """A job queues its chunks at TANDEM_BATCH_PRIORITY (9), here all at once: a chat sent after
     them is taken before them. With the worker stopped while both are queued, the chat's
     reply starts with at most a chunk or two of the 1,000 tickets done, not all of them."""
-    from workers.app import queued_tasks
+    from workers.app import queued_tasks, workers_idle
     from workers.batch import process_chunks
 
     assert worker_settings.batch_priority == 9
