@@ -181,6 +181,8 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_GUARD_SECOND_DRAFT", "twice", "TANDEM_GUARD_SECOND_DRAFT: Input should be a valid boolean"),
     ("TANDEM_OOS_MIN_SIMILARITY", "1.5", "TANDEM_OOS_MIN_SIMILARITY: Input should be less than or equal to 1"),
     ("TANDEM_OOS_MIN_SIMILARITY", "near", "TANDEM_OOS_MIN_SIMILARITY: Input should be a valid number"),
+    ("TANDEM_BATCH_CHUNKS_IN_FLIGHT", "0", "TANDEM_BATCH_CHUNKS_IN_FLIGHT: Input should be greater than or equal to 1"),
+    ("TANDEM_BATCH_CHUNKS_IN_FLIGHT", "many", "TANDEM_BATCH_CHUNKS_IN_FLIGHT: Input should be a valid integer"),
 ])
 def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
