@@ -173,7 +173,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 300
     # A gen worker renews a lease on each reply it writes; a reply whose lease lapses before it
     # ends (its worker died) is queued again by another gen worker within seconds, and goes on
-    # where it stopped, rather than waiting out visibility_timeout_s.
+    # where it stopped, rather than waiting out visibility_timeout_s. It holds one on each batch
+    # chunk it drafts too, so a copy the broker hands out again meanwhile stops (workers.tasks).
     reply_lease_s: float = Field(default=15.0, ge=2.0)
 
     # HTTP API (services/api.py)

@@ -214,9 +214,10 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
 
 def _lost(submitted: list) -> list[str]:
     """Ids of the chunks (their last step's task) that neither wait in a queue, nor are held
-    by a worker, nor have a result: a Redis that restarted without its data, or a task taken
-    by a worker in the instant Redis went down, before kombu noted it as taken. Each step
-    is looked for twice, a second apart, so a task in that instant now is not counted."""
+    by a worker (unacknowledged, or drafting under the chunk's lease), nor have a result: a
+    Redis that restarted without its data, or a task taken by a worker in the instant Redis
+    went down, before kombu noted it as taken. Each step is looked for twice, a second apart,
+    so a task in that instant now is not counted."""
     from workers.app import tasks_in_broker
 
     held = tasks_in_broker()
@@ -228,7 +229,17 @@ def _lost(submitted: list) -> list[str]:
 
     # Polled after the second look: a chain's next step is queued before its first step's
     # result is stored, and a task's result before its acknowledgement.
-    return [r.id for r in submitted if not steps(r) & held and _poll(r) is None]
+    return [r.id for r in submitted if not steps(r) & held and _poll(r) is None and not _drafting(r.id)]
+
+
+def _drafting(task_id: str) -> bool:
+    """Whether a worker holds the draft chunk's lease: it drafts the chunk though a copy that
+    the broker handed out again (past the visibility timeout) took the task's message away."""
+    from workers.app import app
+    from workers.streams import CHUNK_LEASE_KEY
+
+    with app.connection_for_write() as connection:
+        return bool(connection.default_channel.client.exists(CHUNK_LEASE_KEY.format(task_id)))
 
 
 def _transient(error: str) -> bool:

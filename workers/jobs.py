@@ -26,14 +26,12 @@ import redis
 from pipeline.errors import TandemError
 from pipeline.settings import Settings
 from workers.batch import length_sorted_chunks, process_chunks
+from workers.streams import Lease
 
 TERMINAL_STATES = {"done", "failed", "cancelled"}
 OPEN_JOBS = "tandem:jobs:open"  # ids of jobs not yet in a terminal state
 log = logging.getLogger(__name__)
 
-# Extend or drop the lease only while this driver still holds it.
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # A chunk's rows and their count go in together. Written as two round trips, a driver killed
 # between them left rows that no one counted: the next driver skips answered tickets, and the
 # job ended "done" short of its total (seen once in CI, 1,975 of 2,000).
@@ -114,9 +112,8 @@ class JobStore:
     def run(self, job_id: str) -> None:
         """Drive a job to the end, if no other process drives it (called in a background thread
         of an API process). Sends only the tickets that have no result yet."""
-        token = uuid.uuid4().hex
-        lease_ms = int(self.settings.job_lease_s * 1000)
-        if not self.client.set(self._key(job_id, "driver"), token, nx=True, px=lease_ms):
+        lease = Lease(self.client, self._key(job_id, "driver"), self.settings.job_lease_s)
+        if not lease.take():
             return
         try:
             status = self.status(job_id)
@@ -124,7 +121,7 @@ class JobStore:
                 return
             self.client.hset(self._key(job_id), "state", "running")
             todo = self._unanswered(job_id)
-            held = self._lease_keeper(job_id, token, lease_ms)
+            held = self._lease_keeper(job_id, lease)
 
             def stop() -> bool:
                 return not held() or self.status(job_id)["state"] == "cancelled"
@@ -140,7 +137,7 @@ class JobStore:
             if held() and self.status(job_id)["state"] != "cancelled":
                 self._end(job_id, "done")
         finally:
-            self.client.eval(_RELEASE, 1, self._key(job_id, "driver"), token)
+            lease.release()
 
     def _unanswered(self, job_id: str) -> list[dict]:
         tickets = self.client.hgetall(self._key(job_id, "tickets"))
@@ -148,14 +145,14 @@ class JobStore:
         order = self.client.lrange(self._key(job_id, "order"), 0, -1)
         return [json.loads(tickets[i]) for i in order if i in tickets and i not in answered]
 
-    def _lease_keeper(self, job_id: str, token: str, lease_ms: int) -> Callable[[], bool]:
+    def _lease_keeper(self, job_id: str, lease: Lease) -> Callable[[], bool]:
         """A check that renews the lease (at most every second) and says whether it is still held."""
         renewed = [time.monotonic()]
         held = [True]
 
         def check() -> bool:
             if held[0] and time.monotonic() - renewed[0] >= 1.0:
-                held[0] = bool(self.client.eval(_RENEW, 1, self._key(job_id, "driver"), token, lease_ms))
+                held[0] = lease.renew()
                 renewed[0] = time.monotonic()
                 if not held[0]:
                     log.warning("job %s: lease lost; another process drives it now", job_id)

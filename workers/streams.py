@@ -1,5 +1,5 @@
-"""Redis structures the workers share with clients: reply streams, the reply cache and
-conversation memory.
+"""Redis structures the workers share with clients: reply streams, the reply cache,
+conversation memory and leases.
 
 A reply streams through ``tandem:reply:{reply_id}`` as events ``meta``, ``token``...,
 then ``done`` or ``error``; each entry holds ``event`` and a JSON ``data`` field. A token
@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
 
 import redis
@@ -26,6 +27,7 @@ from pipeline.errors import TandemError
 
 STREAM_KEY = "tandem:reply:{}"
 TERMINAL = {"done", "error"}
+CHUNK_LEASE_KEY = "tandem:chunk:{}:lease"  # held by the worker drafting a batch chunk (task id)
 WRITING = "tandem:replies:writing"  # ids of the replies workers have begun and not finished
 # An XADD that only the reply's latest writer may make (ReplyStream.claim); nil for any other.
 # A Redis that lost its data (restarted without persistence) has no writer: the first to
@@ -56,6 +58,9 @@ redis.call('del', KEYS[1], KEYS[2], KEYS[3])
 redis.call('srem', KEYS[4], ARGV[2])
 return 1
 """
+# Extend or drop a Lease only while its holder still holds it.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _RETRY_CAP_S = 2.0  # the longest wait between two reconnection attempts
 
 
@@ -175,6 +180,29 @@ class ResumingWriter:
 
 
 _DIVERGED = "the worker writing this reply stopped, and its retry wrote a different reply; ask again"
+
+
+class Lease:
+    """A key one holder owns at a time, for ``lease_s`` after it last renewed it: a job's driver
+    (workers.jobs) and a draft chunk's worker (workers.tasks) hold one while they work, so a
+    second copy of their work stops at the start, and the key lapses if its holder dies."""
+
+    def __init__(self, client: redis.Redis, key: str, lease_s: float):
+        self.client = client
+        self.key = key
+        self.lease_ms = int(lease_s * 1000)
+        self.token = uuid.uuid4().hex
+
+    def take(self) -> bool:
+        """Hold the key, unless someone else does."""
+        return bool(self.client.set(self.key, self.token, nx=True, px=self.lease_ms))
+
+    def renew(self) -> bool:
+        """Extend the lease; False if it lapsed or another holder has it now."""
+        return bool(self.client.eval(_RENEW, 1, self.key, self.token, self.lease_ms))
+
+    def release(self) -> None:
+        self.client.eval(_RELEASE, 1, self.key, self.token)
 
 
 class ReplyLeases:

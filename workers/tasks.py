@@ -16,9 +16,10 @@ import secrets
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import redis
+from celery.exceptions import Ignore
 from celery.signals import worker_init
 
 from pipeline.chain import Done, HybridPipeline, Meta, Token, Understanding, clean_message
@@ -26,7 +27,9 @@ from pipeline.errors import TandemError
 from pipeline.settings import Settings
 from workers.app import app, waiting_ahead
 from workers.streams import (
+    CHUNK_LEASE_KEY,
     ConversationMemory,
+    Lease,
     ReplyCache,
     ReplyLeases,
     ReplyStream,
@@ -293,8 +296,18 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
     A chat that arrives while chunks draft would wait for a whole chunk: on the solo pool for
     the task, on the threads pool for a thread, all of which a large job's chunks can hold. A
     chunk queued behind chats then starts no more drafts and, once those under way end, hands
-    the rest (its finished rows kept) back to the queue behind the chat, under the same task id."""
+    the rest (its finished rows kept) back to the queue behind the chat, under the same task id.
+
+    The broker hands a task out again once it has gone unacknowledged for the visibility
+    timeout, and a chunk can draft for longer than that (behind other chunks at the draft
+    gate, on a busy worker). The copy finds the chunk's lease held, or its result stored, and
+    stops without a result of its own (Ignore), so the chunk is drafted once."""
     pipeline, settings = get_pipeline(), _settings()
+    lease = Lease(_redis(), CHUNK_LEASE_KEY.format(self.request.id), settings.reply_lease_s)
+    if self.AsyncResult(self.request.id).successful() or not lease.take():
+        log.warning("draft chunk %s delivered again while it is drafted or after it finished; the copy stops",
+                    self.request.id)
+        raise Ignore()
     # Behind chats for a reply slot too, at the priority the chunk was queued with (TANDEM_BATCH_PRIORITY).
     priority = int((self.request.delivery_info or {}).get("priority") or 0)
     limits = dataclasses.replace(pipeline.responder.limits, priority=priority)
@@ -325,14 +338,30 @@ def draft_batch(self, rows: list[dict], progress_key: str | None = None) -> list
 
     # The chunk's drafts at once (the responder batches their decoding), within the gate.
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        list(pool.map(draft, rows))
+        drafts = [pool.submit(draft, row) for row in rows]
+        while wait(drafts, timeout=settings.reply_lease_s / 3).not_done:
+            _keep(lease)
+        for future in drafts:
+            future.result()
     undrafted = sum(row.get("understanding") is not None for row in rows)
     if yielded.is_set() and undrafted:
         log.info("draft chunk %s: a chat waits; %d of %d drafts handed back behind it", self.request.id,
                  undrafted, len(rows))
+        lease.release()  # the rest comes back under this task id, and must find the chunk free
         return self.replace(draft_batch.s(rows, progress_key).set(priority=priority))
     _progress(progress_key, len(rows))
+    # The lease is left to lapse: a copy delivered before this result is stored still finds it held.
     return rows
+
+
+def _keep(lease: Lease) -> None:
+    """Renew a chunk's lease, or take it again where Redis lost it. Best effort: a Redis away
+    only means a copy delivered meanwhile may draft the chunk too."""
+    try:
+        if not lease.renew() and not lease.take():
+            log.warning("draft chunk lease %s is held by another worker", lease.key)
+    except redis.RedisError as exc:
+        log.warning("draft chunk lease not renewed: %s", exc)
 
 
 _gate: threading.BoundedSemaphore | None = None

@@ -31,7 +31,15 @@ class Step:
 
 
 @pytest.fixture
-def broker(monkeypatch) -> list[set[str]]:
+def drafting(monkeypatch) -> set[str]:
+    """The chunks whose draft lease a worker holds."""
+    leased: set[str] = set()
+    monkeypatch.setattr(batch, "_drafting", lambda task_id: task_id in leased)
+    return leased
+
+
+@pytest.fixture
+def broker(monkeypatch, drafting) -> list[set[str]]:
     """The ids the broker holds at each of ``_lost``'s two looks, in order."""
     looks: list[set[str]] = []
     monkeypatch.setattr(workers.app, "tasks_in_broker", lambda: looks.pop(0))
@@ -62,3 +70,11 @@ def test_a_chunk_with_a_result_or_an_error_is_not_lost(broker):
     failed_first_step = Step("draft", parent=Step("understand", state="FAILURE", result=ValueError("bad")))
     broker += [set(), set()]
     assert batch._lost([done, failed_first_step, Step("lost")]) == ["lost"]
+
+
+def test_a_chunk_a_worker_drafts_under_its_lease_is_not_lost(broker, drafting):
+    # A copy the broker handed out again acknowledged the task's message and stopped; the
+    # worker that holds the lease still drafts the chunk.
+    drafting.add("a")
+    broker += [set(), set()]
+    assert batch._lost([Step("a"), Step("b")]) == ["b"]

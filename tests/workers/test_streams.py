@@ -10,6 +10,7 @@ import pytest
 
 from workers.streams import (
     ConversationMemory,
+    Lease,
     ReplyCache,
     ReplyLeases,
     ReplyStream,
@@ -246,3 +247,19 @@ def test_a_live_lease_turns_away_another_owner_until_it_lapses(unwatched_client)
     assert client.get(f"tandem:reply:{reply_id}:lease") == "b:2"
     second.release(reply_id)
     assert not client.exists(f"tandem:reply:{reply_id}:lease") and not client.sismember("tandem:replies:writing", reply_id)
+
+
+def test_a_lease_has_one_holder_until_it_is_released_or_lapses(client):
+    key = f"tandem:test:lease:{time.time_ns()}"
+    first, second = Lease(client, key, 0.3), Lease(client, key, 0.3)
+    assert first.take() and not second.take()
+    second.release()  # not the holder: leaves the lease alone
+    assert client.exists(key) and not second.renew()
+    time.sleep(0.2)
+    assert first.renew()
+    time.sleep(0.2)
+    assert not second.take(), "renewed, so still held past the first 0.3 s"
+    time.sleep(0.4)
+    assert not client.exists(key) and second.take(), "lapsed without renewal"
+    second.release()
+    assert not client.exists(key)

@@ -326,6 +326,44 @@ def test_batch_with_drafts(workers, tmp_path):
     assert len(rows) == 3 and all(r["reply"].strip() and isinstance(r["grounded"], bool) for r in rows)
 
 
+def test_a_draft_chunk_that_outlasts_the_visibility_timeout_is_drafted_once(workers, worker_settings, redis_client):
+    """kombu hands a task out again once it has gone unacknowledged for the visibility timeout
+    (5 s for these workers, 300 s shipped, which a chunk waiting behind others at a busy worker's
+    draft gate can outlast): a sweep every worker makes when it starts and every ~100 s puts it
+    back in its queue. The copy must stop, not draft the chunk a second time. Counted by the
+    progress key, which each run of the chunk that finishes adds its tickets to."""
+    from celery import chain
+
+    from workers.app import app, workers_idle
+    from workers.tasks import draft_batch, understand_batch
+
+    def idle() -> bool:
+        return workers_idle(redis_client) and (time.sleep(1) or workers_idle(redis_client))
+
+    def drafting() -> bool:
+        active = [t for tasks in (app.control.inspect(timeout=1).active() or {}).values() for t in tasks]
+        return any(t["id"] == job.id for t in active)
+
+    wait_until(idle, 600, "the workers idle")
+    questions = ["How long does card delivery take?", "How do I change my PIN?", "Why was I charged a fee?",
+                 "Can I top up by bank transfer?", "My transfer has not arrived yet", "How do I freeze my card?"]
+    tickets = [{"id": str(i), "text": f"{questions[i % len(questions)]} ({i})"} for i in range(16)]
+    progress_key = f"tandem:test:drafted-once:{time.time_ns()}"
+    job = chain(understand_batch.s(tickets, progress_key).set(priority=9),
+                draft_batch.s(progress_key).set(priority=9)).apply_async()
+    wait_until(drafting, 120, "the chunk drafting")
+    time.sleep(worker_settings.visibility_timeout_s + 2)
+    with app.connection_for_write() as connection:  # the sweep, now rather than in up to 100 s
+        connection.default_channel.qos.restore_visible(num=100, interval=1)
+    rows = job.get(timeout=600)
+    wait_until(idle, 600, "the workers idle again")  # a copy that did not stop has finished by now
+    log = "\n".join(path.read_text(errors="replace") for path in workers.logs.iterdir())
+    assert f"draft chunk {job.id} delivered again" in log, "no copy of the chunk arrived: the test showed nothing"
+    assert [row["id"] for row in rows] == [t["id"] for t in tickets]
+    assert all(row.get("reply") and "error" not in row for row in rows)
+    assert int(redis_client.get(progress_key)) == 2 * len(tickets), "the chunk was drafted more than once"
+
+
 def test_bad_ticket_files_get_clear_errors(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(InputError, match="must be .csv"):
