@@ -149,6 +149,24 @@ class HybridPipeline:
         return cls(encoder, classifier, index, responder, GroundingGuard(encoder.embed, settings.guard_similarity,
                                                                     settings.guard_complete_sentences), settings)
 
+    def reload_index(self) -> bool:
+        """Serve the index folder's content if it changed since it was loaded (`tandem index`
+        updated the help centre under running workers); True if it did. A folder caught mid-save,
+        or saved again while it was read, is left for the next call. Raises IndexLoadError for
+        a folder that does not load, and keeps serving the index it has."""
+        directory = self.settings.resolved_index_dir
+        seen = KnowledgeIndex.stored_version(directory)
+        if seen is None or seen == self.index.version:
+            return False
+        index = KnowledgeIndex.load(directory)
+        if KnowledgeIndex.stored_version(directory) != seen or index.version != seen:
+            return False
+        if index.encoder != self.encoder.identity:
+            raise ModelLoadError(f"the knowledge index at {directory} was built with encoder {index.encoder!r} but "
+                                 f"the pipeline uses {self.encoder.identity!r}; rebuild it with `tandem index`")
+        self.index = index  # one assignment: a request under way keeps the index it started with
+        return True
+
     # ------------------------------------------------------------------ BERT side
     def understand(self, messages: list[str | bytes]) -> list[Understanding]:
         """Classify and retrieve for a batch of messages with one encoder pass each."""
@@ -203,11 +221,11 @@ class HybridPipeline:
         """The passages for each embedding: its nearest ones, and with intent routing on, the
         nearest in the articles of its top intents, each scored by similarity plus the
         probability of the article's intent. One passage per article."""
-        k = self.settings.top_k
-        nearest = self.index.search_many(embeddings, 4 * k)
+        k, index = self.settings.top_k, self.index  # one index for the whole call (reload_index)
+        nearest = index.search_many(embeddings, 4 * k)
         routed_rows = [i for i, top in enumerate(top_intents) if top and self.settings.route_by_intent]
         probabilities = {i: {t["intent"]: t["confidence"] for t in top_intents[i]} for i in routed_rows}
-        routed = dict(zip(routed_rows, self.index.search_many(embeddings[routed_rows], k,
+        routed = dict(zip(routed_rows, index.search_many(embeddings[routed_rows], k,
                                                                [list(probabilities[i]) for i in routed_rows])))
         results = []
         for i, passages in enumerate(nearest):

@@ -409,6 +409,18 @@ class KnowledgeIndex:
         os.replace(directory / "index.faiss.tmp", directory / "index.faiss")
         os.replace(directory / "meta.json.tmp", directory / "meta.json")
 
+    @staticmethod
+    def stored_version(directory: Path) -> str | None:
+        """The version of the index saved in ``directory``; None where there is none, or while
+        a ``save`` is under way there (its files are renamed into place one at a time)."""
+        directory = Path(directory)
+        if (directory / "meta.json.tmp").exists() or (directory / "index.faiss.tmp").exists():
+            return None
+        try:
+            return json.loads((directory / "meta.json").read_text(encoding="utf-8")).get("version")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     @classmethod
     def load(cls, directory: Path) -> KnowledgeIndex:
         directory = Path(directory)
@@ -426,7 +438,7 @@ class KnowledgeIndex:
             index.vector_chunk = {int(v): c for v, c in meta["vectors"].items()}
             for vector_id, chunk_id in index.vector_chunk.items():
                 index.article_vectors.setdefault(index.chunks[chunk_id].article_id, []).append(vector_id)
-        except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, UnicodeDecodeError) as exc:
             raise IndexLoadError(f"knowledge index at {directory} is corrupt ({type(exc).__name__}: {exc}); {hint}") from None
         if meta.get("format") != INDEX_FORMAT:
             raise IndexLoadError(f"knowledge index at {directory} has format {meta.get('format')}, expected {INDEX_FORMAT}; {hint}")

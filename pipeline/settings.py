@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     route_by_intent: bool = True
     chunk_words: int = 120
     exact_index_max: int = 20_000  # past this many chunks, switch to an approximate index
+    # Workers look at the index folder this often and serve what `tandem index` last saved
+    # there, without a restart; 0: never.
+    index_reload_s: float = Field(default=10.0, ge=0.0)
 
     # GPT side
     responder_backend: Literal["llama_cpp", "transformers", "openai"] = "llama_cpp"

@@ -64,22 +64,37 @@ def load_models(**_) -> None:
 
         torch.set_num_threads(_settings().encoder_threads)
     pipeline = get_pipeline(with_responder="gen" in queues)
-    threading.Thread(target=_heartbeat, args=(queues, pipeline.index.version), daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(queues, pipeline), daemon=True).start()
+    if _settings().index_reload_s:
+        threading.Thread(target=_watch_index, args=(pipeline,), daemon=True).start()
     if "gen" in queues:
         threading.Thread(target=_watch_replies, daemon=True).start()
 
 
-def _heartbeat(queues: list[str], index_version: str) -> None:
-    """Tell /readyz this worker is up, which queues it serves and which index it loaded."""
+def _heartbeat(queues: list[str], pipeline: HybridPipeline) -> None:
+    """Tell /readyz this worker is up, which queues it serves and which index it serves."""
     name = f"{socket.gethostname()}:{os.getpid()}"
     while True:
         try:
             client = _redis()
             for queue in queues:
-                client.set(f"tandem:worker:{queue}:{name}", json.dumps({"index_version": index_version}), ex=30)
+                client.set(f"tandem:worker:{queue}:{name}", json.dumps({"index_version": pipeline.index.version}),
+                           ex=30)
         except Exception as exc:  # Redis away: /readyz will say so; keep trying
             log.warning("heartbeat failed: %s", exc)
         time.sleep(10)
+
+
+def _watch_index(pipeline: HybridPipeline) -> None:
+    """Serve the help centre as `tandem index` last saved it. Both queues' workers reload: the
+    nlu side retrieves from the index, and the gen side keys cached replies by its version."""
+    while True:
+        time.sleep(_settings().index_reload_s)
+        try:
+            if pipeline.reload_index():
+                log.info("knowledge index reloaded: version %s", pipeline.index.version)
+        except Exception as exc:  # a broken folder: keep serving the index already loaded
+            log.warning("knowledge index not reloaded: %s", exc)
 
 
 def _watch_replies() -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.chain import HANDOFF_REPLY, OOS_REPLY, Done, Meta, Token, clean_message
@@ -398,3 +400,34 @@ def test_the_encoder_served_follows_how_the_intent_model_was_trained(settings, t
     assert intent_model_method(settings.model_copy(update={"intent_model": tmp_path})) == "lora"
     (tmp_path / "config.json").write_text("{broken")
     assert intent_model_method(settings.model_copy(update={"intent_model": tmp_path})) == ""
+
+
+def test_reload_index_serves_the_folder_as_last_saved_and_keeps_its_index_otherwise(pipeline, tmp_path):
+    from pipeline.chain import HybridPipeline
+    from pipeline.errors import IndexLoadError
+    from pipeline.knowledge import Article, KnowledgeIndex
+
+    folder = tmp_path / "index"
+    pipeline.index.save(folder)
+    served = HybridPipeline(pipeline.encoder, pipeline.classifier, KnowledgeIndex.load(folder), pipeline.responder,
+                            pipeline.guard, pipeline.settings.model_copy(update={"index_dir": folder}))
+    assert not served.reload_index(), "nothing changed"
+    question = pipeline.encoder.encode(["Does Northwind insure my dog?"])[0]
+    assert "pet-insurance" not in {p.article_id for p in served.index.search(question)}
+
+    updated = KnowledgeIndex.load(folder)
+    updated.upsert([Article(id="pet-insurance", title="Pet insurance", intents=["pet_insurance"],
+                            body="Northwind insures dogs and cats from £7 a month. Add a pet under Insurance → Pets.")],
+                   pipeline.encoder.embed)
+    updated.save(folder)
+    (folder / "meta.json.tmp").write_text("{}")  # another save, caught between its two renames
+    assert not served.reload_index() and served.index.version != updated.version
+    (folder / "meta.json.tmp").unlink()
+    assert served.reload_index() and served.index.version == updated.version
+    assert served.index.search(question)[0].article_id == "pet-insurance"
+
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "version": "broken", "chunks": "not chunks"}))
+    with pytest.raises(IndexLoadError, match="corrupt"):
+        served.reload_index()
+    assert served.index.version == updated.version, "a folder that does not load leaves the index served as it was"

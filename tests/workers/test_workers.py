@@ -364,6 +364,45 @@ def test_a_draft_chunk_that_outlasts_the_visibility_timeout_is_drafted_once(work
     assert int(redis_client.get(progress_key)) == 2 * len(tickets), "the chunk was drafted more than once"
 
 
+def test_workers_serve_the_help_centre_that_tandem_index_saved_without_a_restart(workers, worker_settings,
+                                                                                redis_client, tmp_path):
+    """A team edits its help centre and runs `tandem index` on the folder the workers serve: both
+    workers serve the new version within TANDEM_INDEX_RELOAD_S (10 s), as their heartbeats (and
+    /readyz) say, and a message finds the new article. Removing it again restores the first version."""
+    import subprocess
+    import sys
+
+    from pipeline.settings import PACKAGE_DATA
+    from workers.tasks import search
+
+    def served_versions() -> set[str]:
+        return {json.loads(redis_client.get(key))["index_version"] for key in redis_client.keys("tandem:worker:*")}
+
+    def index(kb) -> None:
+        run = subprocess.run([sys.executable, "-m", "services.cli", "index", str(kb), "--out",
+                              str(worker_settings.resolved_index_dir)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+    question = "Does Northwind insure my dog?"
+    (before,) = served_versions()
+    assert "pet-insurance" not in {p["article_id"] for p in search.delay(question).get(timeout=60)}
+    kb = tmp_path / "kb"
+    shutil.copytree(PACKAGE_DATA / "helpcentre", kb)
+    (kb / "pet-insurance.md").write_text("---\nid: pet-insurance\ntitle: Pet insurance\nintents: [pet_insurance]\n"
+                                         "url: https://help.northwind.example/articles/pet-insurance\n---\n"
+                                         "Northwind insures dogs and cats from £7 a month. Add a pet in the app "
+                                         "under Insurance → Pets.\n", encoding="utf-8")
+    index(kb)
+    try:
+        wait_until(lambda: len(served_versions()) == 1 and served_versions() != {before}, 60,
+                   "both workers serving the new index")
+        assert search.delay(question).get(timeout=60)[0]["article_id"] == "pet-insurance"
+    finally:
+        index(PACKAGE_DATA / "helpcentre")
+        wait_until(lambda: served_versions() == {before}, 60, "both workers back on the first index")
+    assert "pet-insurance" not in {p["article_id"] for p in search.delay(question).get(timeout=60)}
+
+
 def test_bad_ticket_files_get_clear_errors(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(InputError, match="must be .csv"):
