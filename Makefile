@@ -23,7 +23,7 @@ run: install
 
 test: install browser
 	$(VENV)/bin/ruff check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 fuzz: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m fuzz
