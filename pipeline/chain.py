@@ -50,6 +50,9 @@ class Understanding:
     out_of_scope: bool
     passages: list[Passage] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The knowledge index the passages came from: a gen worker keys cached replies by it, not by
+    # its own index, which can lag a reload behind the nlu worker's (reload_index).
+    index_version: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,11 +205,14 @@ class HybridPipeline:
     def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
         vectors = self._encode([u.message for u in understandings])
         rows = [i for i, u in enumerate(understandings) if not u.out_of_scope]
+        index = self.index
         started = time.perf_counter()
-        found = self.retrieve_many(vectors[rows], [understandings[i].top_intents for i in rows])
+        found = self.retrieve_many(vectors[rows], [understandings[i].top_intents for i in rows], index)
         per_message = round((time.perf_counter() - started) * 1000 / max(len(rows), 1), 2)
+        version = index.version
         for i, passages in zip(rows, found):
             understandings[i].passages = passages
+            understandings[i].index_version = version
         for understanding in understandings:
             understanding.timings_ms["retrieve"] = per_message if not understanding.out_of_scope else 0.0
         return understandings
@@ -217,11 +223,13 @@ class HybridPipeline:
     def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None) -> list[Passage]:
         return self.retrieve_many(embedding.reshape(1, -1), [top_intents])[0]
 
-    def retrieve_many(self, embeddings: np.ndarray, top_intents: list[list[dict] | None]) -> list[list[Passage]]:
+    def retrieve_many(self, embeddings: np.ndarray, top_intents: list[list[dict] | None],
+                      index: KnowledgeIndex | None = None) -> list[list[Passage]]:
         """The passages for each embedding: its nearest ones, and with intent routing on, the
         nearest in the articles of its top intents, each scored by similarity plus the
-        probability of the article's intent. One passage per article."""
-        k, index = self.settings.top_k, self.index  # one index for the whole call (reload_index)
+        probability of the article's intent. One passage per article. ``index``: the one
+        served when the call began (reload_index may swap another in meanwhile)."""
+        k, index = self.settings.top_k, index or self.index
         nearest = index.search_many(embeddings, 4 * k)
         routed_rows = [i for i, top in enumerate(top_intents) if top and self.settings.route_by_intent]
         probabilities = {i: {t["intent"]: t["confidence"] for t in top_intents[i]} for i in routed_rows}

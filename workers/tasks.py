@@ -229,7 +229,7 @@ def _write_reply(stream: ReplyStream, understanding: dict, reply_id: str, sessio
     memory = ConversationMemory(client, settings.memory_turns, settings.memory_ttl_s)
     history = [*(memory.history(session_id) if session_id else []), *(history or [])]
     cache = ReplyCache(client, settings.cache_ttl_s)
-    key = ReplyCache.key(u.message, u.intent, pipeline.index.version, pipeline.reply_identity)
+    key = ReplyCache.key(u.message, u.intent, u.index_version or pipeline.index.version, pipeline.reply_identity)
     generation = None
     if limits:  # per-request max_tokens / temperature; such replies are not cached
         base = pipeline.responder.limits

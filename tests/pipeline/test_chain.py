@@ -423,8 +423,12 @@ def test_reload_index_serves_the_folder_as_last_saved_and_keeps_its_index_otherw
     (folder / "meta.json.tmp").write_text("{}")  # another save, caught between its two renames
     assert not served.reload_index() and served.index.version != updated.version
     (folder / "meta.json.tmp").unlink()
+    before = served.understand([DELIVERY_QUESTION])[0]
     assert served.reload_index() and served.index.version == updated.version
     assert served.index.search(question)[0].article_id == "pet-insurance"
+    after = served.understand([DELIVERY_QUESTION])[0]
+    # What a gen worker keys the cached reply by: the index the passages came from.
+    assert (before.index_version, after.index_version) == (pipeline.index.version, updated.version)
 
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "version": "broken", "chunks": "not chunks"}))
