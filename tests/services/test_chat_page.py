@@ -80,3 +80,32 @@ def test_a_second_draft_replaces_the_rejected_one_on_the_page(api, browser):
                         json={"messages": [{"role": "user", "content": "I lost my card"}]}).json()["tandem"]
     assert answer["grounded"] and answer["cached"]  # the page's reply, from the cache
     assert " ".join(shown.split()) == " ".join(answer["reply"].split())
+
+
+def test_the_guards_quoted_answer_replaces_the_rejected_draft_on_the_page(api, browser, workers):
+    """With second drafts off, "I lost my card"'s first draft (streamed as it is written) fails the
+    guard, and the answer quoted from the article follows as a token marked `quoted`: the page
+    says so and ends showing that answer, not the rejected draft."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    workers.kill("gen")
+    workers.start("gen", env={"TANDEM_GUARD_SECOND_DRAFT": "false"})
+    try:
+        browser.get(f"{api}/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "message").send_keys("I lost my card")
+        browser.find_element(By.ID, "send").click()
+        warning = WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .warn"))
+        assert "quoted answer" in warning[0].text
+        WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .sources a"))
+        shown = browser.find_element(By.CSS_SELECTOR, ".turn.bot .reply").text
+        answer = httpx.post(f"{api}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                            json={"messages": [{"role": "user", "content": "I lost my card"}]}).json()["tandem"]
+        assert answer["cached"] and not answer["grounded"]  # the page's reply, from the cache: the quoted one
+        assert " ".join(shown.split()) == " ".join(answer["reply"].split())
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.bot .warn")) == 1
+    finally:
+        workers.kill("gen")
+        workers.start("gen")  # the session's worker, for the tests after this one
