@@ -441,6 +441,7 @@ def main() -> None:
     p.add_argument("--tickets", type=count, default=1024)
     p.add_argument("--peer-tickets", type=count, default=200, help="the per-ticket peers are slow; a smaller spread sample")
     p.add_argument("--full-accuracy", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", type=result_name, default="nlu", help="result name under bench/results/")
     p = sub.add_parser("decode")
     p.add_argument("--levels", type=count, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--rounds", type=count, default=2, help="replies per stream at each level")

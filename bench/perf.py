@@ -144,7 +144,7 @@ def bench_nlu(args) -> None:
                 _int8_everywhere(pipeline)
             accuracy[name] = _ours_nlu(pipeline, all_texts, all_labels)["accuracy"]
     ours, fp32 = rows["ours"]["tickets_per_s"], rows["ours_fp32"]["tickets_per_s"]
-    save("nlu", {"what": "classify + retrieve per ticket; ours: 64 tickets per understand() call, in arrival "
+    save(args.out, {"what": "classify + retrieve per ticket; ours: 64 tickets per understand() call, in arrival "
                          "order or length-sorted as a batch job cuts them",
                  "torch_threads": torch.get_num_threads(), "rows": rows, "full_test_accuracy": accuracy,
                  "sample_tickets_encoder": sample_tickets,
