@@ -229,7 +229,7 @@ class HybridPipeline:
         nearest in the articles of its top intents, each scored by similarity plus the
         probability of the article's intent. One passage per article. ``index``: the one
         served when the call began (reload_index may swap another in meanwhile)."""
-        k, index = self.settings.top_k, index or self.index
+        k, index = self.settings.top_k, self.index if index is None else index  # an empty index is falsy
         nearest = index.search_many(embeddings, 4 * k)
         routed_rows = [i for i, top in enumerate(top_intents) if top and self.settings.route_by_intent]
         probabilities = {i: {t["intent"]: t["confidence"] for t in top_intents[i]} for i in routed_rows}

@@ -209,17 +209,21 @@ class KnowledgeIndex:
         self.article_vectors: dict[str, list[int]] = {}
         self._by_intent: dict[str, list[int]] | None = None  # see _intent_vectors
         self._opening_chunks: set[int] | None = None  # see _openings
+        self._version: str | None = None  # see version
         self._next_id = 0
         self._faiss: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
     # -- content ------------------------------------------------------------------
     @property
     def version(self) -> str:
-        digest = hashlib.sha256(self.encoder.encode())
-        for article_id in sorted(self.articles):
-            digest.update(f"{article_id}:{self.articles[article_id].content_hash};".encode())
-        digest.update(str(self.chunk_words).encode())
-        return digest.hexdigest()[:16]
+        # Kept until the content changes: every understand() call stamps it on its results.
+        if self._version is None:
+            digest = hashlib.sha256(self.encoder.encode())
+            for article_id in sorted(self.articles):
+                digest.update(f"{article_id}:{self.articles[article_id].content_hash};".encode())
+            digest.update(str(self.chunk_words).encode())
+            self._version = digest.hexdigest()[:16]
+        return self._version
 
     @property
     def kind(self) -> str:
@@ -264,7 +268,7 @@ class KnowledgeIndex:
                 self.vector_chunk[vector_id] = chunk_id
                 self.article_vectors.setdefault(self.chunks[chunk_id].article_id, []).append(vector_id)
             self._add(vectors, ids)
-        self._by_intent = self._opening_chunks = None
+        self._by_intent = self._opening_chunks = self._version = None
         return counts
 
     def delete(self, article_ids: Iterable[str]) -> int:
@@ -281,7 +285,7 @@ class KnowledgeIndex:
         return self._next_id
 
     def _remove(self, article_id: str) -> None:
-        self._by_intent = self._opening_chunks = None
+        self._by_intent = self._opening_chunks = self._version = None
         vector_ids = self.article_vectors.pop(article_id, [])
         if vector_ids:
             self._faiss.remove_ids(np.array(vector_ids, dtype=np.int64))

@@ -183,6 +183,8 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_OOS_MIN_SIMILARITY", "near", "TANDEM_OOS_MIN_SIMILARITY: Input should be a valid number"),
     ("TANDEM_BATCH_CHUNKS_IN_FLIGHT", "0", "TANDEM_BATCH_CHUNKS_IN_FLIGHT: Input should be greater than or equal to 1"),
     ("TANDEM_BATCH_CHUNKS_IN_FLIGHT", "many", "TANDEM_BATCH_CHUNKS_IN_FLIGHT: Input should be a valid integer"),
+    ("TANDEM_INDEX_RELOAD_S", "-1", "TANDEM_INDEX_RELOAD_S: Input should be greater than or equal to 0"),
+    ("TANDEM_INDEX_RELOAD_S", "often", "TANDEM_INDEX_RELOAD_S: Input should be a valid number"),
 ])
 def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
