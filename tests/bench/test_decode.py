@@ -20,7 +20,7 @@ def test_a_malformed_prompts_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("command", [["bench", "decode"], ["bench", "serving"], ["bench.load"]])
+@pytest.mark.parametrize("command", [["bench", "decode"], ["bench", "serving"], ["bench", "nlu"], ["bench.load"]])
 @pytest.mark.parametrize("name", ["../elsewhere", "sub/dir", "serving.json", ""])
 def test_a_result_name_that_is_not_a_plain_name_is_refused_before_the_run(command, name):
     result = subprocess.run([sys.executable, "-m", *command, "--out", name], capture_output=True, timeout=120,
