@@ -24,9 +24,10 @@ from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Uploa
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.chain import clean_message
@@ -53,7 +54,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseModel):
     model: str = MODEL_ID
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     user: str | None = None
@@ -68,7 +69,7 @@ MESSAGE_RULES = ("Text with at least one printable character (control characters
 class ReplyRequest(BaseModel):
     message: str = Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})
     session_id: str | None = Field(default=None, max_length=200)
-    use_cache: bool = True
+    use_cache: StrictBool = True
 
 
 class ClassifyRequest(BaseModel):
@@ -83,8 +84,173 @@ class SearchRequest(BaseModel):
 
 
 class TicketIn(BaseModel):
-    id: str | int
+    id: StrictStr | StrictInt  # not a bool, which pydantic would otherwise take as 0 or 1
     text: str
+
+
+# ---------------------------------------------------------------------- response bodies
+# Stated in the OpenAPI document, so a client generated from it reads what is sent; the API
+# tests check real responses against the document.
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {
+    400: "The body is not UTF-8 (bad_encoding); the message names the first bad byte.",
+    401: "Missing or invalid API key.",
+    404: "No such job.",
+    413: "Over a size limit (message length, message count, tickets per job).",
+    422: "Invalid request: the message says which field and why.",
+    429: "Rate limit reached; Retry-After says when to try again.",
+    502: "Generation failed.",
+    503: "Redis or the task queue is unreachable; the request was not taken. Retry-After says when to try again.",
+    504: "No worker answered in time.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict]:
+    """The error responses a route can give, each in the one error body; every route behind
+    an API key can also answer 401, 429 and 503."""
+    return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in sorted({401, 429, 503, *statuses})}
+
+
+def streamed(media_type: str, description: str, schema: dict | None = None) -> dict[int | str, dict]:
+    return {200: {"content": {media_type: {"schema": schema or {"type": "string"}}}, "description": description}}
+
+
+def sse_event(events: list[str] | None = None) -> dict:
+    """One server-sent event as schemathesis and OpenAPI 3.2 read a stream: its fields."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"enum": events} if events else {"type": "string"}, "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"}}}
+
+
+def link(operation_id: str, parameter: str, field: str) -> dict:
+    return {"operationId": operation_id, "parameters": {parameter: f"$response.body#/{field}"}}
+
+
+class IntentScore(BaseModel):
+    intent: str
+    confidence: float
+
+
+class PassageOut(BaseModel):
+    article_id: str
+    title: str
+    url: str
+    text: str
+    score: float
+    intents: list[str] = []
+    opens_article: bool = False
+
+
+class Source(BaseModel):
+    article_id: str
+    title: str | None = None
+    url: str | None = None
+
+
+class TandemFields(BaseModel):
+    """Tandem's own fields on an OpenAI response (``tandem``)."""
+    reply_id: str | None = None
+    intent: str | None = None
+    confidence: float | None = None
+    sources: list[Source] = []
+    grounded: bool | None = None
+    escalate: bool | None = None
+    cached: bool | None = None
+    reply: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: None = None
+    tandem: TandemFields
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ReplyCreated(BaseModel):
+    reply_id: str
+    events: str = Field(description="Server-sent events of the reply: token, done or error.")
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    status: str
+    results: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    total: int
+    processed: int
+    errors: int
+    progress: float
+    drafts: bool
+
+
+class Classification(BaseModel):
+    """One text's intent; a text that could not be read has only ``error``."""
+    intent: str | None = None
+    confidence: float | None = None
+    top_intents: list[IntentScore] | None = None
+    escalate: bool | None = None
+    article_ids: list[str] | None = None
+    error: str | None = None
+
+
+class Classifications(BaseModel):
+    results: list[Classification]
+
+
+class SearchResults(BaseModel):
+    passages: list[PassageOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    workers: dict[str, int] = Field(description="Live workers per queue (nlu, gen).")
+    index_version: str | None
+    error: str | None = None
 
 
 # ---------------------------------------------------------------------- metrics
@@ -184,7 +350,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               f"{cause.start}); send JSON encoded as UTF-8", "invalid_request_error", "bad_encoding")
         else:
             body = error_body(str(exc.detail), "invalid_request_error")
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path; GET and DELETE
+            # /v1/jobs/{id} are two routes, and Allow must name every method the path takes.
+            allowed = {m for route in request.app.routes if isinstance(route, APIRoute)
+                       and route.path_regex.match(request.url.path) for m in route.methods}
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed | {"HEAD"} if "GET" in allowed else allowed))}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -254,11 +427,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    @app.get("/healthz", operation_id="health")
+    async def healthz() -> Health:
+        return Health(status="ok")
 
-    @app.get("/readyz")
+    not_ready = {"model": Readiness, "description": "Not ready: Redis, a worker queue or the index is missing."}
+
+    @app.get("/readyz", operation_id="readiness", response_model=Readiness, responses={503: not_ready})
     async def readyz(request: Request) -> JSONResponse:
         checks: dict = {"redis": False, "workers": {}, "index_version": None}
         try:
@@ -288,11 +463,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -------------------------------------------------------------- chat
-    @app.get("/v1/models")
-    async def models(_: str = Depends(authorised)) -> dict:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "tandem"}]}
+    @app.get("/v1/models", operation_id="listModels", responses=errors())
+    async def models(_: str = Depends(authorised)) -> ModelList:
+        return ModelList(data=[ModelCard(id=MODEL_ID, created=0, owned_by="tandem")])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", operation_id="createChatCompletion", response_model=ChatCompletion, responses={
+        **errors(400, 413, 422, 502), 200: {"content": {"text/event-stream": {"schema": sse_event()}},
+                                       "description": "The completion; with stream=true, OpenAI's chunks as server-sent events."}})
     async def chat_completions(body: ChatRequest, request: Request, _: str = Depends(authorised)):
         if len(body.messages) > settings.max_messages:
             raise api_error(413, f"{len(body.messages)} messages; the limit is {settings.max_messages}",
@@ -353,14 +530,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield "", "error", {"message": f"no reply within {settings.request_timeout_s:.0f} s; is a gen worker running?"}
 
     # -------------------------------------------------------------- Tandem's own reply stream
-    @app.post("/v1/replies", status_code=202)
-    async def create_reply(body: ReplyRequest, request: Request, _: str = Depends(authorised)) -> dict:
+    @app.post("/v1/replies", status_code=202, operation_id="createReply", responses={
+        **errors(400, 413, 422), 202: {"description": "Taken; read the reply from its events.",
+                                       "links": {"events": link("replyEvents", "reply_id", "reply_id")}}})
+    async def create_reply(body: ReplyRequest, request: Request, _: str = Depends(authorised)) -> ReplyCreated:
         message = checked_message(body.message)
         await request.app.state.redis.ping()
         reply_id = await asyncio.to_thread(_submit, message, body.session_id, body.use_cache, None, None)
-        return {"reply_id": reply_id, "events": f"/v1/replies/{reply_id}/events"}
+        return ReplyCreated(reply_id=reply_id, events=f"/v1/replies/{reply_id}/events")
 
-    @app.get("/v1/replies/{reply_id}/events")
+    @app.get("/v1/replies/{reply_id}/events", operation_id="replyEvents", response_class=StreamingResponse, responses={
+        **errors(422), **streamed("text/event-stream", "The reply's events (meta, token, done, error), resumable with "
+                                  "Last-Event-ID.", sse_event(["meta", "token", "done", "error"]))})
     async def reply_events(reply_id: str, request: Request, last_event_id: str | None = Query(default=None),
                            _: str = Depends(authorised)):
         resume = request.headers.get("last-event-id") or last_event_id
@@ -375,9 +556,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # -------------------------------------------------------------- tickets and jobs
-    @app.post("/v1/tickets", status_code=202)
+    # The route reads a JSON body itself (a list, or an upload instead): state it beside the upload.
+    tickets_body = {"type": "array", "minItems": 1, "items": TicketIn.model_json_schema()}
+
+    @app.post("/v1/tickets", status_code=202, operation_id="createJob", responses={
+        **errors(400, 413, 422), 202: {"description": "Taken; the job runs on the workers.", "links": {
+            "status": link("getJob", "job_id", "job_id"), "results": link("getJobResults", "job_id", "job_id"),
+            "cancel": link("cancelJob", "job_id", "job_id")}}}, openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": tickets_body}}}})
     async def create_job(request: Request, drafts: bool = Query(default=True), _: str = Depends(authorised),
-                         file: UploadFile | None = File(default=None)) -> dict:
+                         file: UploadFile | None = File(default=None)) -> JobCreated:
         from workers.batch import parse_tickets
         from workers.jobs import JobStore
 
@@ -413,7 +601,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(request.app.state.sync_redis, settings)
         job_id = await asyncio.to_thread(store.create, tickets, drafts)
         store.drive_in_background(job_id)
-        return {"job_id": job_id, "status": f"/v1/jobs/{job_id}", "results": f"/v1/jobs/{job_id}/results"}
+        return JobCreated(job_id=job_id, status=f"/v1/jobs/{job_id}", results=f"/v1/jobs/{job_id}/results")
 
     def job_store(request: Request):
         from workers.jobs import JobStore
@@ -426,11 +614,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise api_error(404, f"no job {job_id}", code="not_found")
         return status
 
-    @app.get("/v1/jobs/{job_id}")
-    async def job_status(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
-        return await existing_job(job_store(request).status, job_id)
+    @app.get("/v1/jobs/{job_id}", operation_id="getJob", responses=errors(404, 422))
+    async def job_status(job_id: str, request: Request, _: str = Depends(authorised)) -> JobStatus:
+        return JobStatus.model_validate(await existing_job(job_store(request).status, job_id))
 
-    @app.get("/v1/jobs/{job_id}/results")
+    @app.get("/v1/jobs/{job_id}/results", operation_id="getJobResults", response_class=StreamingResponse, responses={
+        **errors(404, 422), **streamed("application/x-ndjson", "The finished rows, one JSON object a line, in input order.")})
     async def job_results(job_id: str, request: Request, _: str = Depends(authorised)):
         store = job_store(request)
         await existing_job(store.status, job_id)
@@ -441,29 +630,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @app.delete("/v1/jobs/{job_id}")
-    async def cancel_job(job_id: str, request: Request, _: str = Depends(authorised)) -> dict:
-        return await existing_job(job_store(request).cancel, job_id)
+    @app.delete("/v1/jobs/{job_id}", operation_id="cancelJob", responses=errors(404, 422))
+    async def cancel_job(job_id: str, request: Request, _: str = Depends(authorised)) -> JobStatus:
+        return JobStatus.model_validate(await existing_job(job_store(request).cancel, job_id))
 
     # -------------------------------------------------------------- BERT side only
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest, _: str = Depends(authorised)) -> dict:
+    @app.post("/v1/classify", operation_id="classify", response_model_exclude_unset=True,
+              responses=errors(400, 413, 422, 504))
+    async def classify(body: ClassifyRequest, _: str = Depends(authorised)) -> Classifications:
         from workers.tasks import understand_batch
 
         for i, text in enumerate(body.texts):
             checked_message(text, where=f"texts[{i}]: ")
         tickets = [{"id": str(i), "text": t} for i, t in enumerate(body.texts)]
         rows = await worker_result(await asyncio.to_thread(understand_batch.delay, tickets), "nlu")
-        keep = ("intent", "confidence", "top_intents", "escalate", "article_ids", "error")
-        return {"results": [{k: row[k] for k in keep if k in row} for row in rows]}
+        return Classifications(results=[Classification.model_validate(row) for row in rows])
 
-    @app.post("/v1/search")
-    async def search(body: SearchRequest, _: str = Depends(authorised)) -> dict:
+    @app.post("/v1/search", operation_id="search", responses=errors(400, 413, 422, 504))
+    async def search(body: SearchRequest, _: str = Depends(authorised)) -> SearchResults:
         from workers.tasks import search as search_task
 
         query = checked_message(body.query)
         passages = await worker_result(await asyncio.to_thread(search_task.delay, query, body.k, body.intents), "nlu")
-        return {"passages": passages}
+        return SearchResults.model_validate({"passages": passages})
 
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,40 @@ def api(workers, tmp_path_factory):
     yield url
     process.terminate()
     process.wait(20)
+
+
+class OpenAPIDocument:
+    """The API's own OpenAPI document, as a check on real responses: a response's status must
+    be one the document states for its route, and its JSON body must match the stated schema
+    (a client generated from the document reads what is sent)."""
+
+    def __init__(self, document: dict):
+        self.document = document
+        self.routes = [(re.compile("^" + re.sub(r"\{[^}/]+\}", "[^/]+", path) + "$"), path)
+                       for path in document["paths"]]
+
+    def check(self, response: httpx.Response) -> httpx.Response:
+        from jsonschema import Draft202012Validator
+
+        method, path = response.request.method.lower(), response.request.url.path
+        stated = next((self.document["paths"][p] for pattern, p in self.routes if pattern.match(path)), {})
+        operation = stated.get(method)
+        assert operation, f"{method.upper()} {path} is not in the OpenAPI document"
+        answer = operation["responses"].get(str(response.status_code))
+        assert answer, f"{method.upper()} {path} answered {response.status_code}, which the document does not state " \
+                       f"(it states {sorted(operation['responses'])})"
+        media_type = response.headers.get("content-type", "").split(";")[0]
+        assert media_type in answer.get("content", {}), \
+            f"{method.upper()} {path} {response.status_code} sent {media_type}; the document states {list(answer['content'])}"
+        schema = answer["content"][media_type].get("schema", {})
+        if media_type == "application/json":
+            # the document's own references (#/components/...) resolve against this root
+            validator = Draft202012Validator({**schema, "components": self.document["components"]})
+            problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(response.json())]
+            assert not problems, f"{method.upper()} {path} {response.status_code} does not match its schema: {problems}"
+        return response
+
+
+@pytest.fixture(scope="session")
+def openapi(api) -> OpenAPIDocument:
+    return OpenAPIDocument(httpx.get(f"{api}/openapi.json").json())

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pipeline.settings import Settings
 
 from ..helpers import free_port, wait_until
-from .conftest import KEY, start_api
+from .conftest import KEY, OpenAPIDocument, start_api
 
 
 def auth() -> dict:
@@ -46,6 +46,37 @@ def test_openai_client_streamed(api):
     assert chunks[-1].model_extra["tandem"]["intent"] == "apple_pay_or_google_pay"
 
 
+def test_a_chat_completion_matches_the_openapi_document(api, openapi):
+    body = {"messages": [{"role": "user", "content": "How long does card delivery take?"}], "max_tokens": 16}
+    completion = openapi.check(httpx.post(f"{api}/v1/chat/completions", json=body, headers=auth(), timeout=120)).json()
+    assert completion["choices"][0]["message"]["content"].strip() and completion["tandem"]["intent"]
+    with httpx.stream("POST", f"{api}/v1/chat/completions", json={**body, "stream": True}, headers=auth(),
+                      timeout=120) as streamed:
+        assert openapi.check(streamed).headers["content-type"].startswith("text/event-stream")
+        assert list(streamed.iter_lines())[-2:] == ["data: [DONE]", ""]
+
+
+def test_the_openapi_check_refuses_what_the_document_does_not_state():
+    from services.api import create_app
+
+    openapi = OpenAPIDocument(create_app(Settings()).openapi())
+
+    def response(method: str, path: str, status: int, body) -> httpx.Response:
+        return httpx.Response(status, json=body, request=httpx.Request(method, f"http://api{path}"))
+
+    error = {"error": {"message": "no job x", "type": "invalid_request_error", "code": "not_found"}}
+    openapi.check(response("GET", "/v1/jobs/x", 404, error))
+    refused = [
+        response("GET", "/v1/jobs/x", 418, error),  # a status the route does not state
+        response("POST", "/v1/search", 422, {"detail": [{"loc": ["body"], "msg": "x", "type": "x"}]}),  # FastAPI's own shape
+        response("GET", "/v1/jobs/x", 200, {"id": "x", "state": "lost"}),  # a body off its schema
+        response("GET", "/v1/nowhere", 200, {}),  # a route the document does not have
+    ]
+    for wrong in refused:
+        with pytest.raises(AssertionError):
+            openapi.check(wrong)
+
+
 def test_openai_client_sees_auth_errors(api):
     from openai import AuthenticationError, OpenAI
 
@@ -60,9 +91,10 @@ def test_openai_client_sees_auth_errors(api):
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 422, "no_user_message"),
     ({"messages": [{"role": "user", "content": "   "}]}, 422, "bad_input"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "validation"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": 1}, 422, "validation"),  # a bool, not a number
 ])
-def test_chat_request_limits(api, body, status, code):
-    response = httpx.post(f"{api}/v1/chat/completions", json=body, headers=auth())
+def test_chat_request_limits(api, openapi, body, status, code):
+    response = openapi.check(httpx.post(f"{api}/v1/chat/completions", json=body, headers=auth()))
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
 
@@ -78,29 +110,37 @@ def test_openapi_document_states_the_message_rules(api):
     assert response.status_code == 422 and "empty" in response.json()["error"]["message"]
 
 
-def test_malformed_json_and_missing_key(api):
-    response = httpx.post(f"{api}/v1/chat/completions", content=b"{not json", headers={**auth(), "Content-Type": "application/json"})
+def test_malformed_json_and_missing_key(api, openapi):
+    response = openapi.check(httpx.post(f"{api}/v1/chat/completions", content=b"{not json",
+                                        headers={**auth(), "Content-Type": "application/json"}))
     assert response.status_code == 422
     assert response.json()["error"]["message"].startswith("the body is not valid JSON (Expecting property name")
     latin1 = '{"messages": [{"role": "user", "content": "caf\u00e9 card"}]}'.encode("latin-1")
-    response = httpx.post(f"{api}/v1/chat/completions", content=latin1, headers={**auth(), "Content-Type": "application/json"})
+    response = openapi.check(httpx.post(f"{api}/v1/chat/completions", content=latin1,
+                                        headers={**auth(), "Content-Type": "application/json"}))
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_encoding"
     assert "not valid UTF-8 (byte 0xe9 at offset 46)" in response.json()["error"]["message"]
     for response in (httpx.get(f"{api}/v1/nowhere", headers=auth()), httpx.put(f"{api}/v1/classify", headers=auth())):
         assert response.status_code in (404, 405) and response.json()["error"]["message"] in ("Not Found", "Method Not Allowed")
-    response = httpx.post(f"{api}/v1/replies", json={"message": "hi"})
+    # found by schemathesis: a path served by two routes named only the first one's methods
+    response = httpx.put(f"{api}/v1/jobs/x", headers=auth())
+    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET, HEAD"
+    response = openapi.check(httpx.post(f"{api}/v1/replies", json={"message": "hi", "use_cache": 0}, headers=auth()))
+    assert response.status_code == 422 and "use_cache" in response.json()["error"]["message"]
+    response = openapi.check(httpx.post(f"{api}/v1/replies", json={"message": "hi"}))
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_reply_events_resume_from_last_event_id(api):
-    created = httpx.post(f"{api}/v1/replies", json={"message": "How do I change my PIN?", "use_cache": False},
-                         headers=auth())
+def test_reply_events_resume_from_last_event_id(api, openapi):
+    created = openapi.check(httpx.post(f"{api}/v1/replies", json={"message": "How do I change my PIN?",
+                                                                   "use_cache": False}, headers=auth()))
     assert created.status_code == 202
     events_url = f"{api}{created.json()['events']}"
 
     def read(headers: dict, stop_after: int | None = None) -> list[dict]:
         events = []
         with httpx.stream("GET", events_url, headers={**auth(), **headers}, timeout=120) as response:
+            openapi.check(response)
             current: dict = {}
             for line in response.iter_lines():
                 if line.startswith("id: "):
@@ -123,27 +163,28 @@ def test_reply_events_resume_from_last_event_id(api):
     assert everything[0]["event"] == "meta" and everything[-1]["event"] == "done"
 
 
-def test_ticket_jobs_json_csv_results_and_cancel(api):
+def test_ticket_jobs_json_csv_results_and_cancel(api, openapi):
     tickets = [{"id": f"t{i}", "text": text} for i, text in enumerate(
         ["my card has not arrived", "what is your exchange rate", "", "I want to close my account"])]
-    created = httpx.post(f"{api}/v1/tickets?drafts=false", json=tickets, headers=auth())
+    created = openapi.check(httpx.post(f"{api}/v1/tickets?drafts=false", json=tickets, headers=auth()))
     assert created.status_code == 202
     job = created.json()["job_id"]
     wait_until(lambda: httpx.get(f"{api}/v1/jobs/{job}", headers=auth()).json()["state"] == "done", 120, "job")
-    status = httpx.get(f"{api}/v1/jobs/{job}", headers=auth()).json()
+    status = openapi.check(httpx.get(f"{api}/v1/jobs/{job}", headers=auth())).json()
     assert status["total"] == status["processed"] == 4 and status["errors"] == 1 and status["progress"] == 1.0
-    rows = [json.loads(line) for line in httpx.get(f"{api}/v1/jobs/{job}/results", headers=auth()).text.splitlines()]
+    results = openapi.check(httpx.get(f"{api}/v1/jobs/{job}/results", headers=auth()))
+    rows = [json.loads(line) for line in results.text.splitlines()]
     assert [r["id"] for r in rows] == ["t0", "t1", "t2", "t3"]
     assert rows[0]["intent"] == "card_arrival" and "empty" in rows[2]["error"]
 
-    upload = httpx.post(f"{api}/v1/tickets?drafts=false", headers=auth(),
-                        files={"file": ("t.csv", b"id,text\na,my pin is blocked\nb,top up failed\n", "text/csv")})
+    upload = openapi.check(httpx.post(f"{api}/v1/tickets?drafts=false", headers=auth(), files={
+        "file": ("t.csv", b"id,text\na,my pin is blocked\nb,top up failed\n", "text/csv")}))
     assert upload.status_code == 202
     big = [{"id": i, "text": f"where is my card {i}"} for i in range(3000)]
     job = httpx.post(f"{api}/v1/tickets?drafts=false", json=big, headers=auth()).json()["job_id"]
-    cancelled = httpx.delete(f"{api}/v1/jobs/{job}", headers=auth()).json()
+    cancelled = openapi.check(httpx.delete(f"{api}/v1/jobs/{job}", headers=auth())).json()
     assert cancelled["state"] == "cancelled"
-    assert httpx.get(f"{api}/v1/jobs/nope", headers=auth()).status_code == 404
+    assert openapi.check(httpx.get(f"{api}/v1/jobs/nope", headers=auth())).status_code == 404
 
 
 def test_a_job_outlives_the_api_process_that_took_it(workers, tmp_path):
@@ -178,15 +219,17 @@ def test_a_job_outlives_the_api_process_that_took_it(workers, tmp_path):
 
 @pytest.mark.parametrize("body, code", [
     ([], "bad_tickets"), ({"id": 1}, "bad_tickets"), ([{"id": 1}], "bad_tickets"),
+    ([{"id": True, "text": "a"}], "bad_tickets"),  # found by schemathesis: taken as id 1
     ([{"id": 1, "text": "a"}, {"id": 1, "text": "b"}], "duplicate_ids"),
 ])
-def test_bad_ticket_bodies(api, body, code):
-    response = httpx.post(f"{api}/v1/tickets", json=body, headers=auth())
+def test_bad_ticket_bodies(api, openapi, body, code):
+    response = openapi.check(httpx.post(f"{api}/v1/tickets", json=body, headers=auth()))
     assert response.status_code == 422 and response.json()["error"]["code"] == code
 
 
-def test_bad_ticket_upload(api):
-    response = httpx.post(f"{api}/v1/tickets", headers=auth(), files={"file": ("t.csv", b"id,body\n1,x\n", "text/csv")})
+def test_bad_ticket_upload(api, openapi):
+    response = openapi.check(httpx.post(f"{api}/v1/tickets", headers=auth(),
+                                        files={"file": ("t.csv", b"id,body\n1,x\n", "text/csv")}))
     assert response.status_code == 422 and "no 'text' column" in response.json()["error"]["message"]
     # found by schemathesis: an empty multipart part named "file" with no filename
     boundary = "b0undary"
@@ -198,29 +241,30 @@ def test_bad_ticket_upload(api):
     assert blank.status_code == 422 and "empty" in blank.json()["error"]["message"]
 
 
-def test_bad_last_event_id(api):
+def test_bad_last_event_id(api, openapi):
     # found by schemathesis: Redis rejects a malformed stream id after the SSE response has started
-    response = httpx.get(f"{api}/v1/replies/x/events", headers={**auth(), "Last-Event-ID": "not-an-id"})
+    response = openapi.check(httpx.get(f"{api}/v1/replies/x/events", headers={**auth(), "Last-Event-ID": "not-an-id"}))
     assert response.status_code == 422 and response.json()["error"]["code"] == "bad_event_id"
 
 
-def test_classify_and_search(api):
-    classified = httpx.post(f"{api}/v1/classify", json={"texts": ["I forgot my passcode", "my PIN is blocked"]},
-                            headers=auth(), timeout=60).json()["results"]
+def test_classify_and_search(api, openapi):
+    classified = openapi.check(httpx.post(f"{api}/v1/classify", json={"texts": ["I forgot my passcode", "my PIN is blocked"]},
+                                          headers=auth(), timeout=60)).json()["results"]
     assert [r["intent"] for r in classified] == ["passcode_forgotten", "pin_blocked"]
     # one bad text among several: the error says which
-    blank = httpx.post(f"{api}/v1/classify", json={"texts": ["my PIN is blocked", " \t"]}, headers=auth())
+    blank = openapi.check(httpx.post(f"{api}/v1/classify", json={"texts": ["my PIN is blocked", " \t"]}, headers=auth()))
     assert blank.status_code == 422 and blank.json()["error"]["message"] == "texts[1]: message is empty"
-    long = httpx.post(f"{api}/v1/classify", json={"texts": ["x" * 100_000]}, headers=auth())
+    long = openapi.check(httpx.post(f"{api}/v1/classify", json={"texts": ["x" * 100_000]}, headers=auth()))
     assert long.status_code == 413 and long.json()["error"]["message"].startswith("texts[0]: message is 100000 characters")
-    found = httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery", "k": 2},
-                       headers=auth(), timeout=60).json()["passages"]
+    found = openapi.check(httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery", "k": 2},
+                                     headers=auth(), timeout=60)).json()["passages"]
     assert len(found) == 2 and {"article_id", "score", "text"} <= set(found[0])
 
 
-def test_health_readiness_metrics_and_page(api):
-    assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{api}/readyz")
+def test_health_readiness_metrics_and_page(api, openapi):
+    assert openapi.check(httpx.get(f"{api}/healthz")).json() == {"status": "ok"}
+    assert openapi.check(httpx.get(f"{api}/v1/models", headers=auth())).json()["data"][0]["id"] == "tandem"
+    ready = openapi.check(httpx.get(f"{api}/readyz"))
     assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["workers"]["gen"] >= 1
     metrics = httpx.get(f"{api}/metrics").text
     assert 'tandem_http_requests_total{method="POST",route="/v1/chat/completions"' in metrics
@@ -233,10 +277,11 @@ def test_rate_limit_per_key(worker_settings):
     settings = worker_settings.model_copy(update={"api_keys": ["rl-key"], "rate_limit_per_minute": 3})
     from services.api import create_app
 
-    with TestClient(create_app(settings)) as client:
+    app = create_app(settings)
+    with TestClient(app) as client:
         codes = [client.get("/v1/models", headers={"Authorization": "Bearer rl-key"}).status_code for _ in range(4)]
         assert codes[:3] == [200, 200, 200] and codes[3] == 429
-        limited = client.get("/v1/models", headers={"Authorization": "Bearer rl-key"})
+        limited = OpenAPIDocument(app.openapi()).check(client.get("/v1/models", headers={"Authorization": "Bearer rl-key"}))
         assert limited.json()["error"]["code"] == "rate_limited" and int(limited.headers["Retry-After"]) > 0
 
 
@@ -246,13 +291,15 @@ def test_redis_down_gives_503_with_a_clear_message():
 
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     try:
-        with TestClient(create_app(settings)) as client:
-            response = client.post("/v1/replies", json={"message": "hello"})
+        app = create_app(settings)
+        openapi = OpenAPIDocument(app.openapi())
+        with TestClient(app) as client:
+            response = openapi.check(client.post("/v1/replies", json={"message": "hello"}))
             assert response.status_code == 503
             assert "Redis is unreachable" in response.json()["error"]["message"]
-            chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}]})
+            chat = openapi.check(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}]}))
             assert chat.status_code == 503 and chat.headers["Retry-After"] == "5"
-            ready = client.get("/readyz")
+            ready = openapi.check(client.get("/readyz"))
             assert ready.status_code == 503 and ready.json()["redis"] is False
             assert client.get("/healthz").status_code == 200
     finally:
