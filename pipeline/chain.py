@@ -14,9 +14,11 @@ for the article's steps, gets one more chance before the reply quotes the articl
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ from pipeline.guard import GroundingGuard, last_sentence_end, off_track
 from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
 from pipeline.responder import ANSWER, STEPS, GenerationLimits, Responder, make_backend
 from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
 
 OOS_REPLY = ("Sorry, I can only help with questions about your Northwind account, cards and payments. "
              "Could you rephrase your question?")
@@ -119,6 +123,17 @@ def clean_message(message: str | bytes, max_chars: int) -> str:
     return message
 
 
+def unknown_intents(names: Iterable[str], known: Collection[str]) -> str:
+    """What is wrong with ``names`` ("" when every one is in ``known``): each unknown name,
+    with the known one closest to it, since the usual cause is a typo."""
+    problems = []
+    for name in dict.fromkeys(names):
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown intent {', '.join(problems)}" if problems else ""
+
+
 class HybridPipeline:
     def __init__(self, encoder: SentenceEncoder, classifier: IntentClassifier, index: KnowledgeIndex,
                  responder: Responder, guard: GroundingGuard, settings: Settings):
@@ -134,6 +149,14 @@ class HybridPipeline:
         if index.encoder != encoder.identity:
             raise ModelLoadError(f"the knowledge index was built with encoder {index.encoder!r} but the pipeline "
                                  f"uses {encoder.identity!r}; rebuild it with `tandem index`")
+        # A misspelt hand-off intent would never escalate, and nothing else would say so.
+        unknown = unknown_intents(settings.handoff_intents, classifier.labels)
+        if unknown and "handoff_intents" in settings.model_fields_set:
+            raise ModelLoadError(f"TANDEM_HANDOFF_INTENTS: {unknown} to the intent model; set it to intents the "
+                                 "model predicts ([] for none)")
+        if unknown:  # the default list names BANKING77's fraud intents; another model may have none of them
+            log.warning("the intent model lacks the default hand-off intents (%s): set TANDEM_HANDOFF_INTENTS to "
+                        "those of its intents a person must handle", unknown)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -171,6 +194,17 @@ class HybridPipeline:
         return True
 
     # ------------------------------------------------------------------ BERT side
+    def search(self, query: str | bytes, k: int = 3, intents: list[str] | None = None) -> list[Passage]:
+        """Passages for a query alone, without the intent model's say; ``intents`` keeps only
+        articles tagged with one of them. An intent that neither the intent model nor any
+        article knows is an InputError, not an empty answer."""
+        if intents is not None:
+            unknown = unknown_intents(intents, {*self.classifier.labels, *self.index.intents})
+            if unknown:
+                raise InputError(unknown)
+        vector = self.encoder.encode([clean_message(query, self.settings.max_message_chars)])[0]
+        return self.index.search(vector, k, intents=intents)
+
     def understand(self, messages: list[str | bytes]) -> list[Understanding]:
         """Classify and retrieve for a batch of messages with one encoder pass each."""
         return self.add_passages(self.classify(messages))

@@ -382,6 +382,11 @@ class KnowledgeIndex:
             openings = self._opening_chunks = set(first.values())
         return openings
 
+    @property
+    def intents(self) -> set[str]:
+        """The intents at least one article is tagged with."""
+        return set(self._intent_vectors())
+
     def _intent_vectors(self) -> dict[str, list[int]]:
         """Intent -> ids of the vectors of articles tagged with it (rebuilt after a change)."""
         by_intent = self._by_intent

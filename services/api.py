@@ -80,7 +80,9 @@ class ClassifyRequest(BaseModel):
 class SearchRequest(BaseModel):
     query: str = Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})
     k: int = Field(default=3, ge=1, le=50)
-    intents: list[str] | None = None
+    intents: list[str] | None = Field(default=None, description=(
+        "Only passages of articles tagged with one of these intents. An intent that neither the intent model "
+        "nor any article knows is refused (422), with the closest known one named."))
 
 
 class TicketIn(BaseModel):

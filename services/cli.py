@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from pipeline.errors import TandemError
+
+if TYPE_CHECKING:
+    from pipeline.knowledge import Article
+    from pipeline.settings import Settings
 
 app = typer.Typer(help="Tandem: BERT understands the customer, GPT writes the reply.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -213,6 +217,25 @@ def index(
     knowledge.save(out)
     console.print(f"{len(knowledge.articles)} articles, {len(knowledge)} vectors ({knowledge.kind} index), "
                   f"version {knowledge.version}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    _warn_of_unknown_intents(articles, settings)
+
+
+def _warn_of_unknown_intents(articles: list[Article], settings: Settings) -> None:
+    """Name each article tagged with an intent the configured intent model does not predict:
+    retrieval weighs a passage by the model's probability for the article's intents, so a
+    misspelt tag leaves the article to similarity alone. Skipped while the model is not trained."""
+    from pipeline.chain import intent_model_path, unknown_intents
+
+    labels_file = intent_model_path(settings) / "labels.json"
+    try:
+        labels = set(json.loads(labels_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return
+    for article in articles:
+        unknown = unknown_intents(article.intents, labels)
+        if unknown:
+            err.print(f"[yellow]warning:[/] article {article.id!r}: {unknown} to the intent model "
+                      f"({labels_file.parent}); it is found by similarity alone", highlight=False)
 
 
 @app.command("ask")
@@ -275,7 +298,9 @@ def worker(
     _quiet_libraries()
     os.environ["TANDEM_WORKER_QUEUES"] = ",".join(chosen)
     celery = configure()
-    import workers.tasks  # noqa: F401  (registers the tasks and the model-loading signal)
+    from workers.tasks import load_worker_pipeline  # registers the tasks and the model-loading signal
+
+    load_worker_pipeline()  # a model, index or setting that does not load ends the worker here, with its error
 
     # One process holds the models; torch and llama.cpp use the cores themselves. With
     # TANDEM_GEN_POOL=threads a gen worker runs a task per reply slot, so concurrent chats
@@ -375,7 +400,9 @@ def up() -> None:
                     continue
                 name = " ".join(commands[i][0])
                 recent = [t for t in restarts.get(i, []) if time.monotonic() - t < _RESTART_WINDOW_S]
-                if len(recent) >= _RESTARTS_PER_WINDOW:
+                # Status 2 is the CLI's "bad input" (a setting, model or index that does not load):
+                # starting it again would only fail again.
+                if child.returncode == 2 or len(recent) >= _RESTARTS_PER_WINDOW:
                     given_up = (name, child.returncode)
                     break
                 err.print(f"`tandem {name}` exited with status {child.returncode}; starting it again")
@@ -394,6 +421,8 @@ def up() -> None:
             server.stop()
         err.print("stopped")
     if given_up:
+        if given_up[1] == 2:
+            raise TandemError(f"`tandem {given_up[0]}` could not start (its error is above); nothing was restarted")
         raise TandemError(f"`tandem {given_up[0]}` exited {_RESTARTS_PER_WINDOW + 1} times within "
                           f"{_RESTART_WINDOW_S} s (last status {given_up[1]}); see its output above")
 

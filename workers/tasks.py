@@ -55,15 +55,27 @@ def get_pipeline(with_responder: bool = True) -> HybridPipeline:
     return _pipeline
 
 
-@worker_init.connect
-def load_models(**_) -> None:
-    queues = os.environ.get("TANDEM_WORKER_QUEUES", "nlu,gen").split(",")
+def worker_queues() -> list[str]:
+    return os.environ.get("TANDEM_WORKER_QUEUES", "nlu,gen").split(",")
+
+
+def load_worker_pipeline() -> HybridPipeline:
+    """The models the worker's queues need, loaded once; raises TandemError where they do not load.
+    `tandem worker` calls this before Celery starts: Celery logs and swallows an error raised in
+    a worker_init handler, and the worker would report ready and fail every task."""
+    queues = worker_queues()
     log.info("loading models for queues %s", queues)
     if _settings().encoder_threads:
         import torch
 
         torch.set_num_threads(_settings().encoder_threads)
-    pipeline = get_pipeline(with_responder="gen" in queues)
+    return get_pipeline(with_responder="gen" in queues)
+
+
+@worker_init.connect
+def load_models(**_) -> None:
+    queues = worker_queues()
+    pipeline = load_worker_pipeline()
     threading.Thread(target=_heartbeat, args=(queues, pipeline), daemon=True).start()
     if _settings().index_reload_s:
         threading.Thread(target=_watch_index, args=(pipeline,), daemon=True).start()
@@ -164,9 +176,7 @@ def retrieve(understanding: dict) -> dict:
 
 @app.task(name="tandem.search")
 def search(query: str, k: int = 3, intents: list[str] | None = None) -> list[dict]:
-    pipeline = get_pipeline(False)
-    vector = pipeline.encoder.encode([clean_message(query, pipeline.settings.max_message_chars)])[0]
-    return [p.to_dict() for p in pipeline.index.search(vector, k, intents=intents)]
+    return [p.to_dict() for p in get_pipeline(False).search(query, k, intents)]
 
 
 @app.task(name="tandem.respond")

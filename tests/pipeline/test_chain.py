@@ -435,3 +435,44 @@ def test_reload_index_serves_the_folder_as_last_saved_and_keeps_its_index_otherw
     with pytest.raises(IndexLoadError, match="corrupt"):
         served.reload_index()
     assert served.index.version == updated.version, "a folder that does not load leaves the index served as it was"
+
+
+def test_unknown_intents_are_named_with_the_closest_known_one():
+    from pipeline.chain import unknown_intents
+
+    known = ["lost_or_stolen_card", "card_arrival", "oos"]
+    assert unknown_intents(["card_arrival", "oos"], known) == ""
+    assert unknown_intents([], known) == ""
+    assert unknown_intents(["lost_or_stolen_kard", "card_arrival", "mortgage_rates", "lost_or_stolen_kard"], known) == (
+        "unknown intent 'lost_or_stolen_kard' (did you mean 'lost_or_stolen_card'?), 'mortgage_rates'")
+
+
+def test_search_filters_by_intent_and_refuses_an_intent_nobody_knows(pipeline):
+    found = pipeline.search("how long until my card arrives", k=3, intents=["card_arrival"])
+    assert found and all("card_arrival" in p.intents for p in found)
+    assert {p.article_id for p in pipeline.search("how long until my card arrives", k=3)} > set()
+    with pytest.raises(InputError, match=r"'card_arival' \(did you mean 'card_arrival'\?\)"):
+        pipeline.search("how long until my card arrives", intents=["card_arival"])
+    with pytest.raises(InputError, match="empty"):
+        pipeline.search("  ", intents=["card_arrival"])
+
+
+def test_a_misspelt_handoff_intent_stops_the_pipeline_and_a_default_one_the_model_lacks_is_a_warning(pipeline, caplog):
+    import dataclasses
+
+    from pipeline.chain import HybridPipeline
+    from pipeline.errors import ModelLoadError
+
+    def build(settings, classifier=pipeline.classifier):
+        return HybridPipeline(pipeline.encoder, classifier, pipeline.index, pipeline.responder, pipeline.guard, settings)
+
+    misspelt = pipeline.settings.model_copy(update={"handoff_intents": ["compromised_card", "compromized_card"]})
+    with pytest.raises(ModelLoadError, match=r"TANDEM_HANDOFF_INTENTS: unknown intent 'compromized_card' "
+                                             r"\(did you mean 'compromised_card'\?\)"):
+        build(misspelt)
+    build(pipeline.settings.model_copy(update={"handoff_intents": []}))
+    # A model trained on other data, with the default list (BANKING77's fraud intents) left as it is.
+    other = dataclasses.replace(pipeline.classifier, labels=[f"intent_{i}" for i in pipeline.classifier.labels])
+    with caplog.at_level("WARNING", logger="pipeline.chain"):
+        build(pipeline.settings, other)
+    assert "lacks the default hand-off intents" in caplog.text and "TANDEM_HANDOFF_INTENTS" in caplog.text

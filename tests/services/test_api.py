@@ -259,6 +259,17 @@ def test_classify_and_search(api, openapi):
     found = openapi.check(httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery", "k": 2},
                                      headers=auth(), timeout=60)).json()["passages"]
     assert len(found) == 2 and {"article_id", "score", "text"} <= set(found[0])
+    tagged = openapi.check(httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery",
+                                                                "intents": ["card_delivery_estimate"]},
+                                      headers=auth(), timeout=60)).json()["passages"]
+    assert tagged and all("card_delivery_estimate" in p["intents"] for p in tagged)
+    # Raised on the nlu worker, carried back through Celery's result as the same error.
+    typo = openapi.check(httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery",
+                                                              "intents": ["card_delivery_estimat"]},
+                                    headers=auth(), timeout=60))
+    assert typo.status_code == 422 and typo.json()["error"] == {
+        "message": "unknown intent 'card_delivery_estimat' (did you mean 'card_delivery_estimate'?)",
+        "type": "invalid_request_error", "code": "bad_input"}
 
 
 def test_health_readiness_metrics_and_page(api, openapi):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import BANKING77
+from ..helpers import free_port
 
 TANDEM = [sys.executable, "-m", "services.cli"]
 
@@ -117,9 +118,14 @@ def test_index_builds_updates_and_rejects_duplicates(tmp_path):
     article = "---\nid: {id}\ntitle: T {id}\nintents: [x]\n---\nFee is £{id}.\n"
     for i in range(3):
         (kb / f"{i}.md").write_text(article.format(id=i))
+    (kb / "2.md").write_text(article.format(id=2).replace("[x]", "[card_arrival]"))
     built = run(["index", str(kb), "--out", str(tmp_path / "ix")], tmp_path)
     assert built.returncode == 0, built.stderr.decode()
     assert "3 added" in built.stdout.decode()
+    # Tagged with an intent the shipped intent model does not predict: said, not refused.
+    warnings = [line for line in built.stderr.decode().splitlines() if line.startswith("warning:")]
+    assert [w.split(":")[1].strip() for w in warnings] == ["article '0'", "article '1'"], built.stderr.decode()
+    assert "unknown intent 'x' to the intent model" in warnings[0]
     (kb / "1.md").write_text(article.format(id=1).replace("Fee", "The fee"))
     updated = run(["index", str(kb), "--out", str(tmp_path / "ix")], tmp_path)
     assert "1 updated" in updated.stdout.decode() and "2 unchanged" in updated.stdout.decode()
@@ -189,6 +195,24 @@ def test_train_rejects_an_unknown_method(tmp_path):
 def test_a_bad_setting_is_a_clear_error(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
     assert_clean_error(run(["worker", "--queues", "gen"], tmp_path), message)
+
+
+@pytest.mark.parametrize("command", [["ask", "I lost my card"], ["worker", "--queues", "nlu"]])
+def test_a_misspelt_handoff_intent_is_a_clear_error(tmp_path, monkeypatch, command):
+    """The worker too: it loads its models before Celery starts, which would swallow the error,
+    report ready and fail every task (before, this run ended at the timeout, waiting for Redis)."""
+    monkeypatch.setenv("TANDEM_HANDOFF_INTENTS", '["compromised_card", "compromized_card"]')
+    monkeypatch.setenv("TANDEM_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing there
+    assert_clean_error(run(command, tmp_path, timeout=120),
+                       "TANDEM_HANDOFF_INTENTS: unknown intent 'compromized_card' (did you mean 'compromised_card'?)")
+
+
+def test_a_worker_with_a_corrupt_index_ends_with_the_error(tmp_path, monkeypatch):
+    (tmp_path / "ix").mkdir()
+    (tmp_path / "ix" / "meta.json").write_text("{}")
+    monkeypatch.setenv("TANDEM_INDEX_DIR", str(tmp_path / "ix"))
+    monkeypatch.setenv("TANDEM_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    assert_clean_error(run(["worker", "--queues", "nlu"], tmp_path, timeout=120), "corrupt")
 
 
 def test_worker_and_batch_reject_bad_arguments(tmp_path):

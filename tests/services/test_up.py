@@ -75,3 +75,17 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
         raise AssertionError("the embedded redis-server is still running")
     except redis.ConnectionError:
         pass
+
+
+def test_up_stops_at_once_when_a_worker_cannot_load_its_models(tmp_path):
+    """A setting that stops a worker at start is not fixed by starting it again (exit status 2)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
+    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(free_port()), HF_HUB_OFFLINE="1",
+               TANDEM_API_PORT=str(free_port()), COLUMNS="200", TANDEM_HANDOFF_INTENTS='["compromized_card"]')
+    up = subprocess.run([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
+                        capture_output=True, timeout=240)
+    output = up.stdout.decode() + up.stderr.decode()
+    assert up.returncode == 2, output[-3000:]
+    assert "unknown intent 'compromized_card' (did you mean 'compromised_card'?)" in output, output[-3000:]
+    assert "could not start (its error is above); nothing was restarted" in output, output[-3000:]
+    assert "starting it again" not in output and "Traceback" not in output, output[-3000:]
