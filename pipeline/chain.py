@@ -442,6 +442,15 @@ def intent_model_method(settings: Settings) -> str:
         return ""
 
 
+def intent_model_labels(settings: Settings) -> set[str] | None:
+    """The configured intent model's intents, read from its folder without loading it; None
+    where there is no readable model yet (loading it then says what is wrong)."""
+    try:
+        return set(json.loads((intent_model_path(settings) / "labels.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def load_intent_model(settings: Settings, encoder: SentenceEncoder, progress: Progress | None = None) -> IntentClassifier:
     """The configured intent model; the shipped default is trained on first use if absent."""
     path = intent_model_path(settings)

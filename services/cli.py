@@ -224,18 +224,16 @@ def _warn_of_unknown_intents(articles: list[Article], settings: Settings) -> Non
     """Name each article tagged with an intent the configured intent model does not predict:
     retrieval weighs a passage by the model's probability for the article's intents, so a
     misspelt tag leaves the article to similarity alone. Skipped while the model is not trained."""
-    from pipeline.chain import intent_model_path, unknown_intents
+    from pipeline.chain import intent_model_labels, intent_model_path, unknown_intents
 
-    labels_file = intent_model_path(settings) / "labels.json"
-    try:
-        labels = set(json.loads(labels_file.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+    labels = intent_model_labels(settings)
+    if labels is None:
         return
     for article in articles:
         unknown = unknown_intents(article.intents, labels)
         if unknown:
             err.print(f"[yellow]warning:[/] article {article.id!r}: {unknown} to the intent model "
-                      f"({labels_file.parent}); it is found by similarity alone", highlight=False)
+                      f"({intent_model_path(settings)}); it is found by similarity alone", highlight=False)
 
 
 @app.command("ask")

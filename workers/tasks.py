@@ -64,11 +64,12 @@ def load_worker_pipeline() -> HybridPipeline:
     `tandem worker` calls this before Celery starts: Celery logs and swallows an error raised in
     a worker_init handler, and the worker would report ready and fail every task."""
     queues = worker_queues()
-    log.info("loading models for queues %s", queues)
-    if _settings().encoder_threads:
-        import torch
+    if _pipeline is None:  # the worker_init handler calls this again, on the models already loaded
+        log.info("loading models for queues %s", queues)
+        if _settings().encoder_threads:
+            import torch
 
-        torch.set_num_threads(_settings().encoder_threads)
+            torch.set_num_threads(_settings().encoder_threads)
     return get_pipeline(with_responder="gen" in queues)
 
 
