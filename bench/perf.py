@@ -709,11 +709,16 @@ def bench_hardware(args) -> None:
 
     from llama_cpp import _internals
 
+    from pipeline.llama_cpp_backend import weights_copy
+
     decode = json.loads((RESULTS / "decode.json").read_text()) if (RESULTS / "decode.json").is_file() else None
     # The weights bench decode served: the configured file, or its BF16 or Q8_0 copy under data_dir.
+    # The copy's name carries a digest of this install's file path, so it is made (or found) here
+    # from its kind: the name in decode.json did not exist on a fresh install of the same revision.
     served = Path(Settings().responder_model)
     if decode and decode.get("weights", served.name) != served.name:
-        served = Settings().data_dir / "models" / decode["weights"]
+        kind = decode["weights"].removesuffix(".gguf").rsplit(".", 1)[-1]
+        served = Path(weights_copy(str(served), Settings().data_dir / "models", kind))
     model_bytes = served.stat().st_size
     gguf = _internals.LlamaModel(path_model=str(served), params=_internals.LlamaModel.default_params(), verbose=False)
     decoder_params = gguf.n_params()

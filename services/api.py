@@ -14,12 +14,14 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 import redis
 import redis.asyncio as aioredis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.routing import APIRoute
 from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.chain import clean_message
@@ -37,18 +39,43 @@ from workers.streams import STREAM_KEY, TERMINAL
 
 STATIC = Path(__file__).parent / "static"
 MODEL_ID = "tandem"
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # JobStore.create's uuid4 hex
+REPLY_ID = re.compile(r"[\w-]{1,128}", re.ASCII)  # ours are uuid4 hex; a chat backend may pass its own
+TIMED_OUT = {"worker_timeout", "expired"}  # error codes of a reply no gen worker wrote in time
 
 
 # ---------------------------------------------------------------------- request bodies
 
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which no UTF-8 encoder, Redis's
+    included, will take: drop it, as clean_message drops other characters that are not text."""
+    return _LONE_SURROGATE.sub("", text)
+
+
+class ContentPart(BaseModel):
+    """An OpenAI content part: text parts are read, other kinds (images, audio) are ignored."""
+    model_config = ConfigDict(extra="allow")
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_parts_have_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a content part of type 'text' needs a 'text' string")
+        return self
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
-            return " ".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
+            return without_lone_surrogates(" ".join(part.text or "" for part in self.content if part.type == "text"))
+        return without_lone_surrogates(self.content or "")
 
 
 class ChatRequest(BaseModel):
@@ -89,6 +116,14 @@ class TicketIn(BaseModel):
     id: StrictStr | StrictInt  # not a bool, which pydantic would otherwise take as 0 or 1
     text: str
 
+    @field_validator("id", "text")
+    @classmethod
+    def _unicode(cls, value: str | int) -> str | int:
+        # The id keys the job's results in Redis, which cannot store half a UTF-16 pair.
+        if isinstance(value, str) and _LONE_SURROGATE.search(value):
+            raise ValueError("is not valid Unicode (half of a UTF-16 surrogate pair)")
+        return value
+
 
 # ---------------------------------------------------------------------- response bodies
 # Stated in the OpenAPI document, so a client generated from it reads what is sent; the API
@@ -109,6 +144,7 @@ ERRORS = {
     401: "Missing or invalid API key.",
     404: "No such job.",
     413: "Over a size limit (message length, message count, tickets per job).",
+    415: "The body is neither JSON nor a multipart upload.",
     422: "Invalid request: the message says which field and why.",
     429: "Rate limit reached; Retry-After says when to try again.",
     502: "Generation failed.",
@@ -322,6 +358,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          daemon=True, name="job-resumer").start()
         yield
         stopping.set()
+        waits.shutdown(wait=False, cancel_futures=True)
         await app.state.redis.aclose()
 
     app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan,
@@ -417,10 +454,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except InputError as exc:
             raise InputError(f"{where}{exc}") from None
 
+    # Waits on workers get threads of their own: on the default executor, whose few threads
+    # (6 on 2 cores) run every route's Redis calls too, a handful of requests waiting on a busy
+    # or restarting worker held up chats and jobs. A thread is still needed per wait: get()
+    # drains the result pub/sub messages, which polling the result would leave to pile up.
+    waits = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-wait")
+
     async def worker_result(async_result, what: str):
+        deadline = time.monotonic() + settings.request_timeout_s
+
+        def wait():  # the time spent queued for a thread counts against the timeout too
+            return async_result.get(timeout=max(deadline - time.monotonic(), 0.001))
         try:
-            return await asyncio.to_thread(async_result.get, timeout=settings.request_timeout_s)
-        except TimeoutError:
+            return await asyncio.get_running_loop().run_in_executor(waits, wait)
+        except (TimeoutError, CeleryTimeoutError):  # Celery's is not the built-in one
             raise api_error(504, f"no {what} worker answered within {settings.request_timeout_s:.0f} s",
                             "service_unavailable", "worker_timeout") from None
 
@@ -470,7 +517,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return ModelList(data=[ModelCard(id=MODEL_ID, created=0, owned_by="tandem")])
 
     @app.post("/v1/chat/completions", operation_id="createChatCompletion", response_model=ChatCompletion, responses={
-        **errors(400, 413, 422, 502), 200: {"content": {"text/event-stream": {"schema": sse_event()}},
+        **errors(400, 413, 422, 502, 504), 200: {"content": {"text/event-stream": {"schema": sse_event()}},
                                        "description": "The completion; with stream=true, OpenAI's chunks as server-sent events."}})
     async def chat_completions(body: ChatRequest, request: Request, _: str = Depends(authorised)):
         if len(body.messages) > settings.max_messages:
@@ -497,6 +544,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 text += data["text"]
             elif kind == "done":
                 result = data
+            elif kind == "error" and data.get("code") in TIMED_OUT:
+                raise api_error(504, data["message"], "service_unavailable", "worker_timeout")
             elif kind == "error":
                 raise api_error(502, data.get("message", "generation failed"), "server_error", "generation_failed")
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
@@ -529,7 +578,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     if kind in TERMINAL:
                         return
                 deadline = time.monotonic() + settings.request_timeout_s
-        yield "", "error", {"message": f"no reply within {settings.request_timeout_s:.0f} s; is a gen worker running?"}
+        yield "", "error", {"message": f"no reply within {settings.request_timeout_s:.0f} s; is a gen worker running?",
+                            "code": "worker_timeout"}
 
     # -------------------------------------------------------------- Tandem's own reply stream
     @app.post("/v1/replies", status_code=202, operation_id="createReply", responses={
@@ -546,6 +596,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   "Last-Event-ID.", sse_event(["meta", "token", "done", "error"]))})
     async def reply_events(reply_id: str, request: Request, last_event_id: str | None = Query(default=None),
                            _: str = Depends(authorised)):
+        if not REPLY_ID.fullmatch(reply_id):  # it names a Redis key: "x:writer" read another key's type
+            raise api_error(422, f"{reply_id[:40]!r} is not a reply id (letters, digits, '-' and '_')",
+                            code="bad_reply_id")
         resume = request.headers.get("last-event-id") or last_event_id
         if resume is not None and not re.fullmatch(r"\d+(-\d+)?", resume):
             raise api_error(422, f"Last-Event-ID {resume[:40]!r} is not an event id from this stream (like 1700000000000-0)",
@@ -562,7 +615,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     tickets_body = {"type": "array", "minItems": 1, "items": TicketIn.model_json_schema()}
 
     @app.post("/v1/tickets", status_code=202, operation_id="createJob", responses={
-        **errors(400, 413, 422), 202: {"description": "Taken; the job runs on the workers.", "links": {
+        **errors(400, 413, 415, 422), 202: {"description": "Taken; the job runs on the workers.", "links": {
             "status": link("getJob", "job_id", "job_id"), "results": link("getJobResults", "job_id", "job_id"),
             "cancel": link("cancelJob", "job_id", "job_id")}}}, openapi_extra={
         "requestBody": {"content": {"application/json": {"schema": tickets_body}}}})
@@ -571,7 +624,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from workers.batch import parse_tickets
         from workers.jobs import JobStore
 
-        if file is None and request.headers.get("content-type", "").startswith("multipart/"):
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if file is None and content_type and content_type != "application/json" and not content_type.endswith(
+                ("+json", "multipart/form-data")):
+            # A form (curl -d's default) has been read as one by now, and its body is gone.
+            raise api_error(415, f"a {content_type} body; send a JSON list of {{id, text}} objects "
+                                 "(Content-Type: application/json) or upload a CSV/JSONL file as 'file'",
+                            code="unsupported_media_type")
+        if file is None and content_type.startswith("multipart/"):
             raise api_error(422, "no file in the upload; send a CSV (id,text) or JSONL file of tickets as 'file'",
                             code="bad_tickets")
         if file is not None:
@@ -611,7 +671,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JobStore(request.app.state.sync_redis, settings)
 
     async def existing_job(action, job_id: str) -> dict:
-        status = await asyncio.to_thread(action, job_id)
+        # Checked before it names a Redis key: "<id>:results" read another key as the job's hash.
+        status = await asyncio.to_thread(action, job_id) if JOB_ID.fullmatch(job_id) else None
         if status is None:
             raise api_error(404, f"no job {job_id}", code="not_found")
         return status

@@ -39,6 +39,14 @@ def read_tickets(path: Path) -> list[dict]:
     return parse_tickets(path.read_bytes(), path.suffix[1:], str(path))
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_tickets(raw: bytes, kind: str, source: str = "tickets") -> list[dict]:
     """Tickets from CSV (``id,text``) or JSONL bytes. A malformed JSONL line becomes a ticket
     with an ``error`` (never dropped); an unreadable file or a repeated id is an InputError."""
@@ -59,8 +67,12 @@ def parse_tickets(raw: bytes, kind: str, source: str = "tickets") -> list[dict]:
             except ValueError as exc:
                 tickets.append({"id": f"line-{n}", "text": line[:200], "error": f"line {n} is not a JSON object ({exc})"})
                 continue
-            tickets.append({"id": str(row.get("id") if row.get("id") is not None else f"line-{n}"),
-                            "text": row.get("text") if isinstance(row.get("text"), str) else ""})
+            ticket = {"id": str(row.get("id") if row.get("id") is not None else f"line-{n}"),
+                      "text": row.get("text") if isinstance(row.get("text"), str) else ""}
+            if not _is_unicode(ticket["id"] + ticket["text"]):  # "\ud800": Redis cannot store it
+                ticket = {"id": f"line-{n}", "text": line[:200],
+                          "error": f"line {n} is not valid Unicode (half of a UTF-16 surrogate pair)"}
+            tickets.append(ticket)
     elif kind == "csv":
         try:
             reader = csv.DictReader(io.StringIO(content, newline=""))

@@ -3,7 +3,9 @@
 ``tandem:job:{id}`` is a hash (state, total, processed, errors, drafts, created),
 ``tandem:job:{id}:order`` the ticket ids in input order, ``tandem:job:{id}:tickets`` the
 tickets still to answer and ``tandem:job:{id}:results`` a hash of ticket id -> result row.
-Everything expires with ``result_ttl_s``.
+Every key expires ``result_ttl_s`` after the job's last change: each chunk written and the
+job's end renew them all, so a long job keeps its keys and a finished one keeps its results
+for that long. A job whose keys have expired (or were deleted) is not written again.
 
 A job is driven by one API process at a time, which holds ``tandem:job:{id}:driver`` as a
 lease and renews it while it waits on the workers. If that process dies, the lease lapses and
@@ -35,9 +37,13 @@ log = logging.getLogger(__name__)
 # A chunk's rows and their count go in together. Written as two round trips, a driver killed
 # between them left rows that no one counted: the next driver skips answered tickets, and the
 # job ended "done" short of its total (seen once in CI, 1,975 of 2,000).
+# KEYS: results, job, order, tickets; ARGV: the TTL in seconds, then (id, row, is_error) triples.
+# The results hash is first created here, so its TTL is set here too: an EXPIRE at create
+# time found no key, and every job's rows stayed in Redis after the rest of it expired.
 _WRITE_ROWS = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local new, errors = 0, 0
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
     new = new + 1
     if ARGV[i + 2] == '1' then errors = errors + 1 end
@@ -45,7 +51,28 @@ for i = 1, #ARGV, 3 do
 end
 redis.call('HINCRBY', KEYS[2], 'processed', new)
 redis.call('HINCRBY', KEYS[2], 'errors', errors)
+for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
 return new
+"""
+
+# KEYS: job, order, results, tickets, the open-jobs set; ARGV: the state, the TTL in seconds.
+# On a job that has expired, an HSET would create a hash with a state and nothing else.
+_END = """
+redis.call('SREM', KEYS[5], ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+redis.call('DEL', KEYS[4])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+return 1
+"""
+
+# KEYS: job. A cancel that lands between the driver's read of the state and its write of
+# "running" must not be overwritten.
+_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'running')
+return 1
 """
 
 
@@ -117,24 +144,25 @@ class JobStore:
             return
         try:
             status = self.status(job_id)
-            if status is None or status["state"] in TERMINAL_STATES:
-                return
-            self.client.hset(self._key(job_id), "state", "running")
+            if status is None or not self.client.eval(_START, 1, self._key(job_id)):
+                return  # expired, or ended (a cancel may have come since the read)
             todo = self._unanswered(job_id)
             held = self._lease_keeper(job_id, lease)
 
-            def stop() -> bool:
-                return not held() or self.status(job_id)["state"] == "cancelled"
+            def stop() -> bool:  # "running" alone goes on: cancelled, ended elsewhere or expired stop
+                return not held() or self.client.hget(self._key(job_id), "state") != "running"
             try:
                 for rows in process_chunks(length_sorted_chunks(todo, self.settings.batch_chunk_size),
                                            status["drafts"], None, outage_s=60, cancelled=stop,
                                            priority=self.settings.batch_priority,
                                            in_flight=self.settings.batch_chunks_in_flight):
-                    self._write(job_id, rows)
+                    if self._write(job_id, rows) < 0:
+                        log.warning("job %s expired or was deleted while it ran; it stops", job_id)
+                        return
             except TandemError:
                 self._end(job_id, "failed")
                 return
-            if held() and self.status(job_id)["state"] != "cancelled":
+            if not stop():
                 self._end(job_id, "done")
         finally:
             lease.release()
@@ -159,16 +187,15 @@ class JobStore:
             return held[0]
         return check
 
-    def _write(self, job_id: str, rows: list[dict]) -> None:
+    def _write(self, job_id: str, rows: list[dict]) -> int:
+        """Write a chunk's rows; returns how many were new, or -1 if the job is gone."""
         args = [x for row in rows for x in (row["id"], json.dumps(row, ensure_ascii=False), int("error" in row))]
-        self.client.eval(_WRITE_ROWS, 2, self._key(job_id, "results"), self._key(job_id), *args)
+        keys = [self._key(job_id, part) for part in ("results", "", "order", "tickets")]
+        return self.client.eval(_WRITE_ROWS, len(keys), *keys, self.settings.result_ttl_s, *args)
 
     def _end(self, job_id: str, state: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.hset(self._key(job_id), "state", state)
-        pipe.delete(self._key(job_id, "tickets"))
-        pipe.srem(OPEN_JOBS, job_id)
-        pipe.execute()
+        keys = [self._key(job_id, part) for part in ("", "order", "results", "tickets")]
+        self.client.eval(_END, len(keys) + 1, *keys, OPEN_JOBS, state, self.settings.result_ttl_s, job_id)
 
     def resume_orphans(self, start: Callable[[str], None]) -> list[str]:
         """Call ``start(job_id)`` for each open job that no process drives (its driver died);

@@ -182,16 +182,26 @@ def search(query: str, k: int = 3, intents: list[str] | None = None) -> list[dic
 
 @app.task(name="tandem.respond")
 def respond(understanding: dict, reply_id: str, session_id: str | None = None, use_cache: bool = True,
-            history: list[dict] | None = None, limits: dict | None = None) -> dict:
+            history: list[dict] | None = None, limits: dict | None = None, deadline: float | None = None) -> dict:
     """Write the reply's events to its Redis stream; return the final result.
 
     ``history`` holds earlier turns the caller sent (an OpenAI-style request);
-    ``session_id`` adds those Redis remembers."""
+    ``session_id`` adds those Redis remembers. ``deadline`` (epoch seconds): when the reply's
+    reader stops waiting for its first event."""
     settings = _settings()
     client = _redis()
     stream = ReplyStream(client, reply_id, settings.reply_stream_maxlen, settings.reply_stream_ttl_s)
     if stream.finished():  # redelivered after a worker died past the end: the client already has it
         return {"reply_id": reply_id, "redelivered": True}
+    if deadline is not None and time.time() > deadline and not client.exists(stream.key):
+        # No one reads it any more. After a gen worker outage, replies queued meanwhile would
+        # otherwise be written first, each making new chats wait past their own deadline, and
+        # a session's memory would gain turns its user never saw. A begun reply (redelivered,
+        # or queued again after a takeover, which passes no deadline) is finished whatever the time.
+        log.warning("reply %s waited past its deadline for a gen worker; not written", reply_id)
+        stream.publish("error", {"message": "no gen worker took this reply up before its client stopped waiting; "
+                                            "send it again", "code": "expired"})
+        return {"reply_id": reply_id, "expired": True}
     task = {"understanding": understanding, "reply_id": reply_id, "session_id": session_id, "use_cache": use_cache,
             "history": history, "limits": limits}
     with _writing_lock:

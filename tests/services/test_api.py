@@ -241,6 +241,84 @@ def test_bad_ticket_upload(api, openapi):
     assert blank.status_code == 422 and "empty" in blank.json()["error"]["message"]
 
 
+def test_bad_ticket_content_and_ids(api, openapi):
+    # found in review: a form body (curl -d's default) was read as a form, then as JSON: 500
+    form = openapi.check(httpx.post(f"{api}/v1/tickets", content=b'[{"id": 1, "text": "hi"}]', headers={
+        **auth(), "Content-Type": "application/x-www-form-urlencoded"}))
+    assert form.status_code == 415 and form.json()["error"]["code"] == "unsupported_media_type"
+    # half a surrogate pair is valid JSON, but no UTF-8 encoder, Redis's included, takes it: 500
+    for body in (rb'[{"id": "a", "text": "hi \ud800"}]', rb'[{"id": "\udc00", "text": "hi"}]'):
+        bad = openapi.check(httpx.post(f"{api}/v1/tickets", content=body, headers={
+            **auth(), "Content-Type": "application/json"}))
+        assert bad.status_code == 422 and "not valid Unicode" in bad.json()["error"]["message"]
+    # ids name Redis keys: "<job>:results" read the results hash as the job's (500), ":writer" a string (503)
+    job = httpx.post(f"{api}/v1/tickets?drafts=false", json=[{"id": 1, "text": "my card is lost"}],
+                     headers=auth()).json()["job_id"]
+    wait_until(lambda: httpx.get(f"{api}/v1/jobs/{job}", headers=auth()).json()["state"] == "done", 120, "job")
+    for path in (f"/v1/jobs/{job}:results", f"/v1/jobs/{job}:order", f"/v1/jobs/{job}:order/results"):
+        assert openapi.check(httpx.get(f"{api}{path}", headers=auth())).status_code == 404, path
+    assert openapi.check(httpx.delete(f"{api}/v1/jobs/{job}:order", headers=auth())).status_code == 404
+    events = openapi.check(httpx.get(f"{api}/v1/replies/{job}:writer/events", headers=auth()))
+    assert events.status_code == 422 and events.json()["error"]["code"] == "bad_reply_id"
+
+
+@pytest.mark.parametrize("content", [[{"type": "text", "text": 123}], [{"type": "text"}], [{"type": "text", "text": None}]])
+def test_a_text_part_without_text_is_refused(api, openapi, content):
+    # found in review: " ".join() met a number or None: 500
+    response = openapi.check(httpx.post(f"{api}/v1/chat/completions", headers=auth(),
+                                        json={"messages": [{"role": "user", "content": content}]}))
+    assert response.status_code == 422 and "text" in response.json()["error"]["message"]
+
+
+def test_chat_message_text_keeps_text_parts_and_drops_lone_surrogates():
+    from services.api import ChatMessage
+
+    message = ChatMessage.model_validate({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "card \ud800lost"}]})
+    assert message.text() == "card lost"
+    assert ChatMessage(role="assistant", content="ok \udfff").text() == "ok "
+
+
+def test_requests_waiting_on_absent_workers_get_504_and_hold_up_no_other_route(worker_settings, openapi, tmp_path):
+    """No worker consumes this API's queues (another Redis database). Requests waiting on
+    them time out with 504 in the error body (a Celery TimeoutError was a text/plain 500),
+    and while they wait, the job routes answer at once (a blocking wait held one of the six
+    threads every route's Redis calls share, on 2 cores)."""
+    import threading
+    import time
+
+    url_db = worker_settings.redis_url.rsplit("/", 1)[0] + "/7"
+    process, url = start_api(tmp_path / "api.log", {"TANDEM_REDIS_URL": url_db, "TANDEM_REQUEST_TIMEOUT_S": "6"})
+    try:
+        answers: list[tuple[float, httpx.Response]] = []
+
+        def classify(i: int) -> None:
+            response = httpx.post(f"{url}/v1/classify", json={"texts": [f"where is my card {i}"]}, headers=auth(),
+                                  timeout=60)
+            answers.append((time.monotonic(), response))
+
+        waiting = [threading.Thread(target=classify, args=(i,)) for i in range(10)]
+        for thread in waiting:
+            thread.start()
+        time.sleep(1.0)
+        job = openapi.check(httpx.get(f"{url}/v1/jobs/{'0' * 32}", headers=auth(), timeout=60))
+        job_answered = time.monotonic()
+        assert job.status_code == 404
+        assert not answers, "the job route waited for the classify requests to end"
+        for thread in waiting:
+            thread.join(60)
+        assert len(answers) == 10 and all(at > job_answered for at, _ in answers)
+        for _, response in answers:
+            openapi.check(response)
+            assert response.status_code == 504 and response.json()["error"]["code"] == "worker_timeout"
+        chat = openapi.check(httpx.post(f"{url}/v1/chat/completions", headers=auth(), timeout=60,
+                                        json={"messages": [{"role": "user", "content": "where is my card?"}]}))
+        assert chat.status_code == 504 and "gen worker" in chat.json()["error"]["message"]
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
 def test_bad_last_event_id(api, openapi):
     # found by schemathesis: Redis rejects a malformed stream id after the SSE response has started
     response = openapi.check(httpx.get(f"{api}/v1/replies/x/events", headers={**auth(), "Last-Event-ID": "not-an-id"}))

@@ -35,15 +35,22 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def send(browser, url: str, message: str, key: str = KEY) -> None:
+    """Open the page, enter the key and the message, and send it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{url}/")
+    browser.find_element(By.ID, "key").send_keys(key)
+    browser.find_element(By.ID, "message").send_keys(message)
+    browser.find_element(By.ID, "send").click()
+
+
 def test_chat_page_streams_a_reply_with_its_source(api, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(f"{api}/")
+    send(browser, api, "How do I activate my new card?")
     assert browser.title == "Tandem chat"
-    browser.find_element(By.ID, "key").send_keys(KEY)
-    browser.find_element(By.ID, "message").send_keys("How do I activate my new card?")
-    browser.find_element(By.ID, "send").click()
 
     wait = WebDriverWait(browser, 120, poll_frequency=0.05)
     reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".turn.bot .reply"))
@@ -69,10 +76,7 @@ def test_a_second_draft_replaces_the_rejected_one_on_the_page(api, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(f"{api}/")
-    browser.find_element(By.ID, "key").send_keys(KEY)
-    browser.find_element(By.ID, "message").send_keys("I lost my card")
-    browser.find_element(By.ID, "send").click()
+    send(browser, api, "I lost my card")
     WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .sources a"))
     shown = browser.find_element(By.CSS_SELECTOR, ".turn.bot .reply").text
     assert not browser.find_elements(By.CSS_SELECTOR, ".turn.bot .warn")
@@ -93,10 +97,7 @@ def test_the_guards_quoted_answer_replaces_the_rejected_draft_on_the_page(api, b
     workers.kill("gen")
     workers.start("gen", env={"TANDEM_GUARD_SECOND_DRAFT": "false"})
     try:
-        browser.get(f"{api}/")
-        browser.find_element(By.ID, "key").send_keys(KEY)
-        browser.find_element(By.ID, "message").send_keys("I lost my card")
-        browser.find_element(By.ID, "send").click()
+        send(browser, api, "I lost my card")
         warning = WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .warn"))
         assert "quoted answer" in warning[0].text
         WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .sources a"))
@@ -109,3 +110,25 @@ def test_the_guards_quoted_answer_replaces_the_rejected_draft_on_the_page(api, b
     finally:
         workers.kill("gen")
         workers.start("gen")  # the session's worker, for the tests after this one
+
+
+def test_an_error_answer_to_the_events_request_is_shown_on_the_page(workers, browser, tmp_path):
+    """A rate limit of one request a minute: the reply is taken, and its events request gets
+    429. The page had read that answer as an event stream with no events: "thinking…" for good."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .conftest import start_api
+
+    key = f"page-{tmp_path.name}"  # its own count: the shared key's is far past one
+    process, url = start_api(tmp_path / "api.log", {"TANDEM_API_KEYS": json.dumps([key]),
+                                                     "TANDEM_RATE_LIMIT_PER_MINUTE": "1"})
+    try:
+        send(browser, url, "How do I activate my new card?", key=key)
+        error = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .error"))
+        assert "rate limit" in error[0].text
+    finally:
+        process.terminate()
+        process.wait(20)

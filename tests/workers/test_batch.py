@@ -78,3 +78,12 @@ def test_a_chunk_a_worker_drafts_under_its_lease_is_not_lost(broker, drafting):
     drafting.add("a")
     broker += [set(), set()]
     assert batch._lost([Step("a"), Step("b")]) == ["b"]
+
+
+def test_a_jsonl_line_that_is_not_valid_unicode_is_a_ticket_with_an_error():
+    # JSON may escape half a surrogate pair; Redis, which keys a job's results by id, cannot store it.
+    raw = b'{"id": 1, "text": "hi"}\n{"id": 2, "text": "hi \\ud800"}\n{"id": "\\udc00", "text": "hi"}\n'
+    tickets = batch.parse_tickets(raw, "jsonl")
+    assert [t["id"] for t in tickets] == ["1", "line-2", "line-3"]
+    assert "error" not in tickets[0]
+    assert all("not valid Unicode" in t["error"] and t["text"].encode() for t in tickets[1:])

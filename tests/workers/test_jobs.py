@@ -86,3 +86,47 @@ def test_a_driver_killed_while_writing_leaves_no_row_uncounted(store, redis_clie
     store.client = redis_client
     status = store.status(job)
     assert status["processed"] == redis_client.hlen(f"tandem:job:{job}:results") == 2 and status["errors"] == 1
+
+
+def job_keys(job: str) -> list[str]:
+    return [f"tandem:job:{job}{part}" for part in ("", ":order", ":results")]
+
+
+def test_every_key_of_a_job_expires_and_its_end_renews_them(store, redis_client, worker_settings):
+    # The results hash is created by the first chunk's rows: an EXPIRE at create time found
+    # no key, and every job's rows outlived the rest of it for good.
+    job = store.create(tickets(2), drafts=False)
+    store._write(job, [{"id": "t0", "intent": "card_arrival"}])
+    for key in job_keys(job):
+        redis_client.expire(key, 50)  # as if the job had run for almost all of result_ttl_s
+    store._write(job, [{"id": "t1", "intent": "card_arrival"}])
+    ttls = [redis_client.ttl(key) for key in job_keys(job)]
+    assert all(worker_settings.result_ttl_s - 5 <= ttl <= worker_settings.result_ttl_s for ttl in ttls), ttls
+    for key in job_keys(job):
+        redis_client.expire(key, 50)
+    store._end(job, "done")
+    ttls = [redis_client.ttl(key) for key in job_keys(job)]
+    assert all(worker_settings.result_ttl_s - 5 <= ttl <= worker_settings.result_ttl_s for ttl in ttls), ttls
+    assert not redis_client.exists(f"tandem:job:{job}:tickets")
+
+
+def test_a_job_that_expired_is_not_written_again(store, redis_client):
+    # Its rows or its end would make a hash without a total, which status() cannot read.
+    job = store.create(tickets(2), drafts=False)
+    redis_client.delete(*job_keys(job))
+    assert store._write(job, [{"id": "t0", "intent": "card_arrival"}]) == -1
+    store._end(job, "done")
+    assert not any(redis_client.exists(key) for key in job_keys(job))
+    assert store.status(job) is None and job not in redis_client.smembers(OPEN_JOBS)
+
+
+def test_a_cancel_that_lands_while_the_driver_starts_stands(store, redis_client, monkeypatch):
+    # The driver read "queued", then the job was cancelled, then the driver would have set
+    # "running" over it and ended the job "done".
+    job = store.create(tickets(2), drafts=False)
+    store._write(job, [{"id": "t0", "intent": "card_arrival"}, {"id": "t1", "intent": "card_arrival"}])
+    queued = store.status(job)
+    store.cancel(job)
+    monkeypatch.setattr(store, "status", lambda job_id: dict(queued))
+    store.run(job)
+    assert redis_client.hget(f"tandem:job:{job}", "state") == "cancelled"

@@ -247,6 +247,18 @@ def test_conversation_memory_keeps_recent_turns(workers, redis_client, worker_se
     assert redis_client.ttl(f"tandem:session:{session}") > 0
 
 
+def test_a_reply_no_gen_worker_began_before_its_deadline_is_not_written(workers, redis_client, worker_settings):
+    # After a gen worker outage, the replies queued meanwhile were drafted first, and each made
+    # new chats wait past their own deadline; a session remembered turns its user never saw.
+    session = f"s-{time.time_ns()}"
+    late = worker_settings.model_copy(update={"request_timeout_s": 0.0})
+    events = events_of(redis_client, submit_message("Where is my card?", session_id=session, settings=late))
+    assert [kind for _, kind, _ in events] == ["error"] and events[0][2]["code"] == "expired"
+    assert not redis_client.exists(f"tandem:session:{session}")
+    on_time = events_of(redis_client, submit_message("Where is my card?", session_id=session, use_cache=False))
+    assert on_time[-1][1] == "done"
+
+
 def test_bad_message_is_refused_before_queueing(worker_settings):
     with pytest.raises(InputError, match="empty"):
         submit_message("   ")
