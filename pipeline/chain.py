@@ -421,6 +421,16 @@ def serving_encoder(settings: Settings, method: str | None = None) -> SentenceEn
     return encoder
 
 
+def index_encoder(settings: Settings) -> SentenceEncoder:
+    """The encoder a knowledge index must be embedded with to serve the configured pipeline: the
+    serving encoder, carrying a fine-tuned or adapted intent model's weights as the pipeline's
+    does. A plain encoder named another identity, and `tandem index` refused the pipeline's index."""
+    encoder = serving_encoder(settings)
+    if intent_model_method(settings) not in ("head", ""):
+        IntentClassifier.load(intent_model_path(settings)).attach_encoder(encoder)
+    return encoder
+
+
 def intent_model_path(settings: Settings) -> Path:
     """The configured intent model's folder; without one, the shipped model, or where the default
     is trained on first use when the installed package lacks it."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,14 +207,20 @@ class IntentClassifier:
         """Fine-tuned and adapter artifacts carry their own encoder weights: load them into the encoder."""
         if self.method == "head" or self.path is None:
             return
+        from safetensors import SafetensorError
         from transformers import AutoModel
-        if self.method == "finetune":
-            model = AutoModel.from_pretrained(self.path / "encoder")
-        else:
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(encoder.model, self.path / "adapter")
-            if self.method == "lora":  # LoRA folds into the weights; prefix and prompt vectors stay a wrapper
-                model = model.merge_and_unload()
+        try:
+            if self.method == "finetune":
+                model = AutoModel.from_pretrained(self.path / "encoder")
+            else:
+                from peft import PeftModel
+                model = PeftModel.from_pretrained(encoder.model, self.path / "adapter")
+                if self.method == "lora":  # LoRA folds into the weights; prefix and prompt vectors stay a wrapper
+                    model = model.merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            part = "encoder" if self.method == "finetune" else "adapter"
+            raise ModelLoadError(f"intent model at {self.path}: its {part}/ folder does not load "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
         encoder.use_model(model, tag=f"{self.method}:{self.metrics.get('artifact_id', '')}")
 
     # ------------------------------------------------------------------ persistence
@@ -249,7 +256,7 @@ class IntentClassifier:
             with np.load(directory / "head.npz") as head:
                 weight, bias = head["weight"], head["bias"]
             lexical = LexicalModel.load(directory) if config["lexical_weight"] > 0 else None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:  # npz: a zip
             raise ModelLoadError(f"intent model at {directory} is corrupt ({type(exc).__name__}: {exc})") from None
         if config.get("format") != ARTIFACT_FORMAT:
             raise ModelLoadError(f"intent model at {directory} has format {config.get('format')}, expected {ARTIFACT_FORMAT}")

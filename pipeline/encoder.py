@@ -94,6 +94,7 @@ class SentenceEncoder:
     @property
     def identity(self) -> str:
         """Names the encoder an index was built with; a different one cannot search it."""
+        self.warm_up()  # the pooling is read from the model's folder: "mean" until then
         return f"{Path(self.model_name).name}:{self.pooling}:{self.tag}"
 
     def warm_up(self) -> None:

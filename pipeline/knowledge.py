@@ -95,8 +95,13 @@ def _article_from_fields(fields: dict, body: str, source: str) -> Article:
         intents = [intents]
     if not isinstance(intents, list):
         raise InputError(f"{source}: 'intents' must be a list of intent labels")
+    extra = fields.get("questions") or []
+    if isinstance(extra, str):  # one question; iterated as it was, each character became one
+        extra = [extra]
+    if not isinstance(extra, list):
+        raise InputError(f"{source}: 'questions' must be a list of questions")
     body, questions = _split_questions(body)
-    questions += [str(q) for q in fields.get("questions") or []]
+    questions += [str(q) for q in extra]
     if not body:
         raise InputError(f"{source}: article {article_id!r} has no text")
     return Article(id=article_id, title=str(fields.get("title") or article_id), body=body,

@@ -182,23 +182,49 @@ class OpenAICompatibleBackend:
                 if response.status_code != 200:
                     detail = response.read().decode("utf-8", "replace")[:300]
                     raise ResponderError(f"{self.base_url} answered {response.status_code}: {detail}")
+                # A server that fails after its 200 says so in the stream (OpenAI and vLLM: an event
+                # with "error"), or just stops: either was read as a reply that ended there, which
+                # the guard then passed cut short or replaced without a word in any log.
+                finished = False
                 for line in response.iter_lines():
                     if time.monotonic() > deadline:
                         raise ResponderError(f"generation timed out after {limits.timeout_s:.0f} s")
+                    if line.startswith(("event: error", "error:")):
+                        raise ResponderError(f"{self.base_url} failed mid-stream: {line[:300]}")
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        finished = True
                         break
-                    try:
-                        choices = json.loads(data).get("choices") or [{}]
-                    except json.JSONDecodeError:
-                        raise ResponderError(f"{self.base_url} sent a malformed event: {data[:200]}") from None
-                    text = (choices[0].get("delta") or {}).get("content")
+                    text, ended = self._read_event(data)
+                    finished |= ended
                     if text:
                         yield text
+                if not finished:
+                    raise ResponderError(f"{self.base_url} ended the stream before the reply (no [DONE] or "
+                                         "finish_reason)")
         except httpx.HTTPError as exc:
             raise ResponderError(f"cannot reach the generation server at {self.base_url}: {exc}") from None
+
+
+    def _read_event(self, data: str) -> tuple[str, bool]:
+        """One streamed chunk's text, and whether it ends the reply (a finish_reason)."""
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            raise ResponderError(f"{self.base_url} sent a malformed event: {data[:200]}")
+        if event.get("error"):
+            error = event["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise ResponderError(f"{self.base_url} failed mid-stream: {str(message)[:300]}")
+        choices = event.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        text = delta.get("content")
+        return (text if isinstance(text, str) else ""), bool(choice.get("finish_reason"))
 
 
 def make_backend(settings) -> GenerationBackend:

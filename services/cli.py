@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -195,16 +196,23 @@ def index(
     out: Annotated[Path, typer.Option("--out", help="index folder to write or update")],
 ) -> None:
     """Build or update a knowledge index (only changed articles are re-embedded)."""
-    from pipeline.encoder import SentenceEncoder
+    from pipeline.chain import index_encoder
+    from pipeline.errors import IndexLoadError
     from pipeline.knowledge import KnowledgeIndex, load_articles
 
     articles = load_articles(kb_dir)
     settings = _settings()
     _quiet_libraries()
-    encoder = SentenceEncoder.from_settings(settings)
+    encoder = index_encoder(settings)
+    knowledge = None
     if (out / "meta.json").is_file():
-        knowledge = KnowledgeIndex.load(out)
-    else:
+        try:
+            knowledge = KnowledgeIndex.load(out)
+        except IndexLoadError as exc:
+            # Every article comes from KB_DIR, so the index can be made again from it; refusing
+            # left no way out but deleting the folder, since the error says to run this command.
+            err.print(f"[yellow]warning:[/] {escape(str(exc))}; building it again from {kb_dir}", soft_wrap=True)
+    if knowledge is None:
         knowledge = KnowledgeIndex(encoder.dim, encoder.identity, settings.exact_index_max, settings.chunk_words)
     if knowledge.encoder != encoder.identity:
         raise TandemError(f"{out} was built with encoder {knowledge.encoder!r}; this one is {encoder.identity!r}: "

@@ -22,6 +22,7 @@ import redis
 from celery import chain
 from kombu.exceptions import OperationalError
 
+from pipeline.chain import clean_message
 from pipeline.errors import InputError, TandemError
 from pipeline.settings import Settings
 
@@ -107,6 +108,16 @@ def _read_results(path: Path) -> dict[str, dict]:
     return results
 
 
+def _answers(row: dict, ticket: dict, drafts: bool, settings: Settings) -> bool:
+    """Whether a row written by an earlier run answers this ticket as this run would."""
+    if "error" in row or "error" in ticket or (drafts and "reply" not in row):
+        return False
+    try:  # rows carry the text the workers read: the ticket's, cleaned
+        return row.get("text") == clean_message(ticket["text"], settings.max_message_chars)
+    except InputError:
+        return False
+
+
 def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Settings | None = None,
               progress: Progress | None = None, chunk_size: int | None = None, outage_s: float = 60.0) -> dict:
     """Process every ticket not yet answered; returns counts. Raises TandemError if Redis
@@ -115,10 +126,18 @@ def run_batch(tickets_path: Path, out: Path, drafts: bool = True, settings: Sett
 
     settings = settings or Settings()
     configure(settings)
-    tickets = read_tickets(tickets_path)
     out = Path(out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise InputError(f"--out {out}: " + ("a folder; name a file in it" if out.is_dir() else
+                                            f"no folder {out.parent} to write it in"))
+    tickets = read_tickets(tickets_path)
     partial = out.with_name(out.name + ".partial")
-    done = {i: r for i, r in {**_read_results(out), **_read_results(partial)}.items() if "error" not in r}
+    # A row from an earlier run is reused only for the same ticket, text included, and with a
+    # draft where drafts are asked for: ids alone took another file's rows (CSVs without an id
+    # column share row-2, row-3...), and a --no-drafts run's rows for a run with drafts.
+    earlier = {**_read_results(out), **_read_results(partial)}
+    done = {t["id"]: earlier[t["id"]] for t in tickets
+            if t["id"] in earlier and _answers(earlier[t["id"]], t, drafts, settings)}
     results: dict[str, dict] = dict(done)
     todo = [t for t in tickets if t["id"] not in done]
     for ticket in todo:

@@ -155,6 +155,29 @@ def test_missing_and_corrupt_artifacts(tmp_path, settings):
         IntentClassifier.load(tmp_path)
 
 
+def test_damaged_model_files_are_clear_errors(tmp_path, settings):
+    # A save cut short leaves a truncated or empty head.npz (a zip), and an encoder/ or adapter/
+    # folder without its weights: each was a traceback (BadZipFile, EOFError, OSError).
+    import json
+    import shutil
+
+    from pipeline.encoder import SentenceEncoder
+
+    for damage in (lambda head: head.write_bytes(head.read_bytes()[:100]), lambda head: head.write_bytes(b"")):
+        model = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(Settings().resolved_intent_model, model)
+        damage(model / "head.npz")
+        with pytest.raises(ModelLoadError, match="corrupt"):
+            IntentClassifier.load(model)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(Settings().resolved_intent_model, tuned)
+    config = json.loads((tuned / "config.json").read_text())
+    (tuned / "config.json").write_text(json.dumps({**config, "method": "finetune"}))
+    (tuned / "encoder").mkdir()
+    with pytest.raises(ModelLoadError, match="encoder/ folder does not load"):
+        IntentClassifier.load(tuned).attach_encoder(SentenceEncoder(settings.encoder))
+
+
 def test_shipped_model_is_the_banking77_default():
     model = IntentClassifier.load(Settings().resolved_intent_model)
     assert len(model.labels) == 77

@@ -47,6 +47,9 @@ def test_markdown_front_matter_and_common_questions_are_parsed():
     assert article.url == "https://help.example/fees"
     assert article.questions == ["Why was I charged a fee?", "Do you charge for card payments?"]
     assert "Common questions" not in article.body and "1%" in article.body
+    # One question in the front matter, not a list: each of its characters had become a question.
+    one = parse_markdown("---\nid: x\nquestions: How do I freeze my card?\n---\nbody", "x.md")
+    assert one.questions == ["How do I freeze my card?"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -55,6 +58,7 @@ def test_markdown_front_matter_and_common_questions_are_parsed():
     ("---\nid: x\ntitle: a: b\n---\nbody", "not valid YAML"),
     ("---\nid: x\n---\n", "has no text"),
     ("---\nid: x\nintents: 5\n---\nbody", "'intents' must be a list"),
+    ("---\nid: x\nquestions: 5\n---\nbody", "'questions' must be a list"),
 ])
 def test_bad_articles_get_clear_errors(text, message):
     with pytest.raises(InputError, match=message):

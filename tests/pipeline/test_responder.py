@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -114,6 +115,60 @@ def test_openai_backend_unreachable_server():
     backend = OpenAICompatibleBackend(f"http://127.0.0.1:{free_port()}/v1", model="x")
     with pytest.raises(ResponderError, match="cannot reach"):
         list(backend.stream(MESSAGES, LIMITS))
+
+
+@pytest.fixture
+def scripted_server():
+    """A server that answers every chat completion with the SSE lines it is given: what a real
+    one sends when it fails after its 200, which a healthy llama.cpp server cannot be made to do."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    script: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for line in script:
+                self.wfile.write(f"{line}\n\n".encode())
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", script
+    server.shutdown()
+
+
+def chunk(text: str = "", finish: str | None = None) -> str:
+    return "data: " + json.dumps({"choices": [{"delta": {"content": text}, "finish_reason": finish}]})
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([chunk("Your card "), 'data: {"error": {"message": "engine died"}}', "data: [DONE]"], "engine died"),
+    ([chunk("Your card "), "event: error", 'data: {"message": "out of memory"}'], "failed mid-stream"),
+    ([chunk("Your card ")], "ended the stream before the reply"),
+    ([chunk("Your card "), "data: 5"], "malformed event"),
+])
+def test_openai_backend_reports_a_server_that_fails_mid_stream(scripted_server, lines, message):
+    # Read as a reply that ended there: cut short, or replaced by the guard, with no word in any log.
+    url, script = scripted_server
+    script[:] = lines
+    pieces: list[str] = []
+    with pytest.raises(ResponderError, match=message):
+        pieces.extend(OpenAICompatibleBackend(url, model="x").stream(MESSAGES, LIMITS))
+    assert pieces == ["Your card "]
+
+
+def test_openai_backend_ends_on_a_finish_reason_or_done(scripted_server):
+    url, script = scripted_server
+    script[:] = [chunk("Your card "), chunk("arrives in 3 days.", finish="stop")]  # no [DONE]
+    assert list(OpenAICompatibleBackend(url, model="x").stream(MESSAGES, LIMITS)) == ["Your card ", "arrives in 3 days."]
 
 
 @pytest.mark.slow

@@ -142,6 +142,50 @@ def test_ask_with_a_corrupt_index_is_a_clear_error(tmp_path):
     assert_clean_error(env_run, "corrupt")
 
 
+def test_index_builds_a_corrupt_index_again_from_the_articles(tmp_path):
+    # The error said to run `tandem index KB_DIR --out DIR`, which loaded the folder first and
+    # failed the same way: only deleting it by hand got out.
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "a.md").write_text("---\nid: a\ntitle: Fees\nintents: [card_payment_fee_charged]\n---\nCard payments are free.\n")
+    (tmp_path / "ix").mkdir()
+    (tmp_path / "ix" / "meta.json").write_text("{}")
+    (tmp_path / "ix" / "index.faiss").write_bytes(b"junk")
+    result = run(["index", str(kb), "--out", str(tmp_path / "ix")], tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "is corrupt" in result.stderr.decode() and "building it again" in result.stderr.decode()
+    assert "1 added" in result.stdout.decode()
+    assert json.loads((tmp_path / "ix" / "meta.json").read_text())["articles"][0]["id"] == "a"
+
+
+def test_index_serves_a_pipeline_whose_intent_model_tuned_the_encoder(tmp_path, settings):
+    """A fine-tuned intent model carries its own encoder weights, and the pipeline embeds with
+    them: `tandem index` embedded with the base encoder, and the pipeline refused its index."""
+    from pipeline.classifier import IntentClassifier, TrainConfig
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.encoder import SentenceEncoder
+
+    texts, labels = read_labelled_csv(BANKING77 / "train.csv", "text", "category")
+    keep = {"card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed"}
+    rows = [(t, label) for label in sorted(keep) for t in [t for t, x in zip(texts, labels) if x == label][:24]]
+    IntentClassifier.train(SentenceEncoder(settings.encoder), [t for t, _ in rows], [label for _, label in rows],
+                           TrainConfig(method="finetune", epochs=1, max_train=96, batch_size=16, lexical=False),
+                           out=tmp_path / "tuned")
+    env = {**os.environ, "TANDEM_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
+           "TANDEM_INTENT_MODEL": str(tmp_path / "tuned"), "TANDEM_INDEX_DIR": str(tmp_path / "ix"),
+           "TANDEM_HANDOFF_INTENTS": "[]"}
+    kb = Path(__file__).parents[2] / "pipeline" / "data" / "helpcentre"
+    for _ in range(2):  # built, then updated in place
+        built = subprocess.run([*TANDEM, "index", str(kb), "--out", str(tmp_path / "ix")], capture_output=True,
+                               env=env, timeout=600, cwd=Path(__file__).parents[2])
+        assert built.returncode == 0, built.stderr.decode()
+    assert ":finetune:" in json.loads((tmp_path / "ix" / "meta.json").read_text())["encoder"]
+    asked = subprocess.run([*TANDEM, "ask", "My new card still has not arrived", "--json"], capture_output=True,
+                           env=env, timeout=300, cwd=Path(__file__).parents[2])
+    assert asked.returncode == 0, asked.stderr.decode()
+    assert json.loads(asked.stdout)["intent"] in keep | {"oos"}  # the pipeline took the index: the point here
+
+
 def test_eval_with_a_missing_or_corrupt_model_is_a_clear_error(tmp_path):
     """The encoder is chosen from the model's config before the model loads; a model folder
     without a readable one still gets the loader's error, not a traceback."""

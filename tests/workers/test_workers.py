@@ -338,6 +338,28 @@ def test_batch_with_drafts(workers, tmp_path):
     assert len(rows) == 3 and all(r["reply"].strip() and isinstance(r["grounded"], bool) for r in rows)
 
 
+def test_a_rerun_reuses_only_rows_that_answer_the_same_tickets_as_asked(workers, tmp_path):
+    # Ids alone decided: another file's rows (CSVs without an id column share row-2, row-3...)
+    # and a --no-drafts run's rows, for a run with drafts, were taken as done.
+    tickets, out = tmp_path / "t.csv", tmp_path / "out.jsonl"
+    tickets.write_text("text\nmy card has not arrived\nI want to close my account\n")
+    run_batch(tickets, out, drafts=False)
+    first = read_rows(out)
+    tickets.write_text("text\nmy card has not arrived\nwhat is your exchange rate for dollars\n")
+    summary = run_batch(tickets, out, drafts=False)
+    rows = read_rows(out)
+    assert (summary["skipped"], summary["processed"]) == (1, 1)
+    assert rows[0] == first[0] and rows[1]["text"] == "what is your exchange rate for dollars"
+    assert rows[1]["intent"] != first[1]["intent"]
+    drafted = run_batch(tickets, out, drafts=True, chunk_size=1)
+    assert drafted["skipped"] == 0 and all(r["reply"].strip() for r in read_rows(out))
+    assert run_batch(tickets, out, drafts=False)["skipped"] == 2, "rows with drafts serve a run without"
+    with pytest.raises(InputError, match="no folder"):
+        run_batch(tickets, tmp_path / "missing" / "out.jsonl")
+    with pytest.raises(InputError, match="a folder"):
+        run_batch(tickets, tmp_path)
+
+
 def test_a_draft_chunk_that_outlasts_the_visibility_timeout_is_drafted_once(workers, worker_settings, redis_client):
     """kombu hands a task out again once it has gone unacknowledged for the visibility timeout
     (5 s for these workers, 300 s shipped, which a chunk waiting behind others at a busy worker's
