@@ -22,6 +22,8 @@ The artifact is a folder of JSON and numpy/safetensors files, never pickles.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import zipfile
 from collections.abc import Callable
@@ -225,8 +227,27 @@ class IntentClassifier:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path, encoder: SentenceEncoder | None = None, peft_model=None) -> None:
+        """Write the artifact beside ``directory``, then put it in its place: written in place,
+        a save cut short (disk full, Ctrl-C) over the folder a pipeline serves left neither
+        the old model nor the new one."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.with_name(f".{directory.name}.{os.getpid()}.saving")
+        retired = directory.with_name(f".{directory.name}.{os.getpid()}.old")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._write(staging, encoder, peft_model)
+            if directory.exists():
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.path = directory
+
+    def _write(self, directory: Path, encoder: SentenceEncoder | None, peft_model) -> None:
+        directory.mkdir(parents=True)
         np.savez(directory / "head.npz", weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32))
         if self.lexical is not None:
             self.lexical.save(directory)
@@ -241,7 +262,6 @@ class IntentClassifier:
             encoder.tokenizer.save_pretrained(directory / "encoder")
         if self.method in ADAPTER_METHODS and peft_model is not None:
             peft_model.save_pretrained(directory / "adapter")
-        self.path = directory
 
     @classmethod
     def load(cls, directory: Path) -> IntentClassifier:

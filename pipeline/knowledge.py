@@ -15,6 +15,7 @@ content and the encoder, so it changes whenever either does (caches key on it).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -418,10 +419,14 @@ class KnowledgeIndex:
             "vectors": {str(v): c for v, c in self.vector_chunk.items()},
         }
         # Write both files beside the old ones, then rename: a crash never leaves a half index.
-        faiss.write_index(self._faiss, str(directory / "index.faiss.tmp"))
-        (directory / "meta.json.tmp").write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(directory / "index.faiss.tmp", directory / "index.faiss")
-        os.replace(directory / "meta.json.tmp", directory / "meta.json")
+        # One process at a time: workers sharing a folder (compose's /data) sync it together
+        # at start, and one's rename took the other's temporary file from under it.
+        with open(directory / ".save.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            faiss.write_index(self._faiss, str(directory / "index.faiss.tmp"))
+            (directory / "meta.json.tmp").write_text(json.dumps(meta), encoding="utf-8")
+            os.replace(directory / "index.faiss.tmp", directory / "index.faiss")
+            os.replace(directory / "meta.json.tmp", directory / "meta.json")
 
     @staticmethod
     def stored_version(directory: Path) -> str | None:

@@ -179,6 +179,14 @@ def length_sorted_chunks(tickets: list[dict], size: int) -> list[list[dict]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
+def _revoke_chain(result) -> None:
+    """Revoke a chunk's every step: its result is the chain's last (the drafts), and revoking
+    that alone left the understand step to run for a job already cancelled."""
+    while result is not None:
+        result.revoke()
+        result = result.parent
+
+
 def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | None, outage_s: float = 60.0,
                    cancelled: Callable[[], bool] = lambda: False, *, priority: int, in_flight: int,
                    lost_check_s: float = 30.0) -> Iterator[list[dict]]:
@@ -211,7 +219,7 @@ def process_chunks(chunks: list[list[dict]], drafts: bool, progress_key: str | N
     while pending:
         if cancelled():
             for submitted, _, _ in pending.values():
-                submitted.revoke()
+                _revoke_chain(submitted)
             return
         if time.monotonic() - last_finished > lost_check_s:
             lost = _retry(lambda: _lost([submitted for submitted, _, _ in pending.values()]), outage_s)

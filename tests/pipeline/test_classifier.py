@@ -178,6 +178,31 @@ def test_damaged_model_files_are_clear_errors(tmp_path, settings):
         IntentClassifier.load(tuned).attach_encoder(SentenceEncoder(settings.encoder))
 
 
+def test_a_save_cut_short_leaves_the_model_that_was_there(tmp_path, monkeypatch):
+    # Written in place, a save that failed after head.npz left the new head beside the old
+    # labels: a folder no worker could load.
+    import shutil
+
+    from pipeline.classifier import LexicalModel
+
+    served = tmp_path / "served"
+    shutil.copytree(Settings().resolved_intent_model, served)
+    new = IntentClassifier.load(served)
+    new.labels, new.weight, new.bias = new.labels[:-1], new.weight[:-1], new.bias[:-1]
+
+    def disk_full(self, directory):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(LexicalModel, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        new.save(served)
+    assert len(IntentClassifier.load(served).labels) == 77
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"], "nothing of the failed save is left"
+    monkeypatch.undo()
+    new.save(served)
+    assert len(IntentClassifier.load(served).labels) == 76
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+
 def test_shipped_model_is_the_banking77_default():
     model = IntentClassifier.load(Settings().resolved_intent_model)
     assert len(model.labels) == 77

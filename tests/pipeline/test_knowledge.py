@@ -219,6 +219,32 @@ def test_save_load_round_trip_and_broken_files(tmp_path):
         KnowledgeIndex.load(tmp_path / "ix2")
 
 
+def test_saves_of_one_folder_at_once_each_complete(tmp_path):
+    # Workers sharing a folder sync it together at start: one's rename took the other's
+    # temporary file from under it (FileNotFoundError), as processes here, threads below.
+    import threading
+
+    index = KnowledgeIndex(dim=8, encoder="fake")
+    index.upsert([make_article(i) for i in range(200)], fake_embed)
+    start, errors = threading.Barrier(4), []
+
+    def save() -> None:
+        start.wait()
+        for _ in range(10):
+            try:
+                index.save(tmp_path / "ix")
+            except OSError as exc:
+                errors.append(exc)
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert KnowledgeIndex.load(tmp_path / "ix").version == index.version
+    assert KnowledgeIndex.stored_version(tmp_path / "ix") == index.version
+
+
 def test_bundled_help_centre_has_one_article_per_banking77_intent():
     articles = load_articles(PACKAGE_DATA / "helpcentre")
     categories = json.loads((PACKAGE_DATA / "banking77" / "categories.json").read_text())

@@ -87,3 +87,20 @@ def test_a_jsonl_line_that_is_not_valid_unicode_is_a_ticket_with_an_error():
     assert [t["id"] for t in tickets] == ["1", "line-2", "line-3"]
     assert "error" not in tickets[0]
     assert all("not valid Unicode" in t["error"] and t["text"].encode() for t in tickets[1:])
+
+
+def test_a_cancelled_chunk_revokes_every_step_of_its_chain():
+    # A chunk's result is its chain's last step (the drafts): revoking that alone left the
+    # understand step to run for a job already cancelled.
+    revoked: list[str] = []
+
+    @dataclass
+    class Result:  # what _revoke_chain reads of a Celery AsyncResult
+        id: str
+        parent: Result | None = None
+
+        def revoke(self) -> None:
+            revoked.append(self.id)
+
+    batch._revoke_chain(Result("draft", Result("understand")))
+    assert revoked == ["draft", "understand"]
