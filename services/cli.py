@@ -393,6 +393,7 @@ def up() -> None:
     # ignoring it, so `tandem up &` would not stop on `kill -INT` (seen in a scripted CI run).
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, stop)  # the terminal closed: stop everything, Redis after the workers
     # A child that dies is started again, as a container's restart policy would: a gen worker
     # killed mid-reply comes back and finishes the reply where its stream stopped (the reply's
     # lease, workers.streams.ReplyLeases). One that dies again and again gives up the whole.

@@ -4,6 +4,7 @@ variable is a setting."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -39,7 +40,10 @@ def test_service_is_complete(name):
         assert secret in COMPOSE["secrets"]
         assert (ROOT / COMPOSE["secrets"][secret]["file"]).is_file()
     if name != "vllm":
-        assert service.get("healthcheck", {}).get("test", [None])[0] == "CMD", f"{name} needs a healthcheck"
+        test = service.get("healthcheck", {}).get("test", [None])
+        assert test[0] in ("CMD", "CMD-SHELL"), f"{name} needs a healthcheck"
+        # The exec form runs no shell: "$HOSTNAME" reached celery as it is, and matched no worker.
+        assert test[0] == "CMD-SHELL" or not any("$" in arg for arg in test[1:]), f"{name}'s test expands nothing"
 
 
 def cli_command(args: list[str]) -> click.Command:
@@ -68,9 +72,32 @@ def test_celery_commands_point_at_our_app():
             module = command[command.index("-A") + 1]
             assert importlib.import_module(module).app.main == "tandem", name
     for name, service in SERVICES.items():
-        test = service.get("healthcheck", {}).get("test", [])
+        test = healthcheck_args(service)
         if "celery" in test:
             assert test[test.index("-A") + 1] == "workers.app", name
+
+
+def healthcheck_args(service: dict) -> list[str]:
+    """The healthcheck's command as its process gets it: compose turns "$$" into "$"; in a
+    shell, "$HOSTNAME" is the container's host name."""
+    test = service.get("healthcheck", {}).get("test", [])
+    if test[:1] == ["CMD-SHELL"]:
+        return [arg.replace("$$HOSTNAME", "<host>") for arg in shlex.split(test[1])]
+    return [arg.replace("$$", "$") for arg in test[1:]]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in SERVICES.items() if "worker" in s.get("command", [])))
+def test_a_worker_healthcheck_pings_the_node_the_worker_runs_as(name):
+    # `tandem worker` names its node "<queues>@%h", %h being the host name.
+    command = SERVICES[name]["command"]
+    queues = command[command.index("--queues") + 1]
+    args = healthcheck_args(SERVICES[name])
+    assert args[args.index("-d") + 1] == f"{queues}@<host>", name
+
+
+def test_flower_is_published_on_this_host_only():
+    # Its pages list every task's arguments: customer messages, with no login.
+    assert all(port.startswith("127.0.0.1:") for port in SERVICES["flower"]["ports"])
 
 
 def test_every_tandem_variable_is_a_setting():

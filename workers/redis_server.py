@@ -39,17 +39,27 @@ class EmbeddedRedis:
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--appendonly", "yes" if self.appendonly else "no", "--save", "", "--daemonize", "no",
              "--logfile", str(self.directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # Its own session: Ctrl-C in a terminal signals the whole foreground group, and
+            # Redis stopped at once, before the workers' warm shutdown could write to it.
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise TandemError(f"redis-server exited at start (port {self.port} taken?); see {self.directory / 'redis.log'}")
             try:
-                client.ping()
-                return self.url
+                # The server that answers must be ours: another one on the port (a second
+                # `tandem up`, or one left by a run that was killed) answered first while ours
+                # was still failing to bind, and this run then served from it unawares.
+                pid = int(client.info("server")["process_id"])
             except redis.ConnectionError:
                 time.sleep(0.05)
+                continue
+            if pid != self.process.pid:
+                self.stop()
+                raise TandemError(f"port {self.port} is taken by another redis-server (pid {pid}); stop it, or set "
+                                  "TANDEM_EMBEDDED_REDIS_PORT to a free port (or TANDEM_REDIS_URL to use that one)")
+            return self.url
         self.stop()
         raise TandemError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
