@@ -426,8 +426,8 @@ def index_encoder(settings: Settings) -> SentenceEncoder:
     serving encoder, carrying a fine-tuned or adapted intent model's weights as the pipeline's
     does. A plain encoder named another identity, and `tandem index` refused the pipeline's index."""
     encoder = serving_encoder(settings)
-    if intent_model_method(settings) not in ("head", ""):
-        IntentClassifier.load(intent_model_path(settings)).attach_encoder(encoder)
+    if intent_model_method(settings) not in ("head", ""):  # a head leaves the encoder as it is
+        load_intent_model(settings, encoder)
     return encoder
 
 

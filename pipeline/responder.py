@@ -207,7 +207,6 @@ class OpenAICompatibleBackend:
         except httpx.HTTPError as exc:
             raise ResponderError(f"cannot reach the generation server at {self.base_url}: {exc}") from None
 
-
     def _read_event(self, data: str) -> tuple[str, bool]:
         """One streamed chunk's text, and whether it ends the reply (a finish_reason)."""
         try:

@@ -625,8 +625,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from workers.jobs import JobStore
 
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if file is None and content_type and content_type != "application/json" and not content_type.endswith(
-                ("+json", "multipart/form-data")):
+        if file is None and content_type and content_type not in ("application/json", "multipart/form-data") \
+                and not content_type.endswith("+json"):
             # A form (curl -d's default) has been read as one by now, and its body is gone.
             raise api_error(415, f"a {content_type} body; send a JSON list of {{id, text}} objects "
                                  "(Content-Type: application/json) or upload a CSV/JSONL file as 'file'",

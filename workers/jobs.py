@@ -55,7 +55,7 @@ for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
 return new
 """
 
-# KEYS: job, order, results, tickets, the open-jobs set; ARGV: the state, the TTL in seconds.
+# KEYS: job, order, results, tickets, the open-jobs set; ARGV: the state, the TTL in seconds, the job id.
 # On a job that has expired, an HSET would create a hash with a state and nothing else.
 _END = """
 redis.call('SREM', KEYS[5], ARGV[3])
