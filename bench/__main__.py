@@ -52,6 +52,16 @@ def banking77_test(n: int | None = None) -> tuple[list[str], list[str]]:
     return [texts[i] for i in picks], [labels[i] for i in picks]
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0.5, 0.95) as the latency and distributed figures take it: the median,
+    else Python's ``statistics.quantiles`` (exclusive method); None without values."""
+    if not values:
+        return None
+    if len(values) == 1 or q == 0.5:
+        return round(statistics.median(values), 1)
+    return round(statistics.quantiles(values, n=100)[round(q * 100) - 1], 1)
+
+
 def save(name: str, payload: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {"machine": machine(), **payload}
@@ -127,6 +137,8 @@ def wait_for_queues(names: set[str], timeout: float = 300) -> None:
         queues = app.control.inspect(timeout=1).active_queues() or {}
         if {q["name"] for qs in queues.values() for q in qs} >= names:
             return
+    # Timing workers that never came up would measure nothing, or hang.
+    raise TimeoutError(f"no worker consumed {sorted(names)} within {timeout:.0f} s")
 
 
 def quiet() -> None:
@@ -228,7 +240,7 @@ def bench_grounding(args) -> None:
         # Drafts in full: "before the guard" reads the streamed draft, which stopping early would cut.
         overrides: dict = {"responder_backend": backend, "guard_stop_early": False}
         if backend == "openai":  # llama.cpp's OpenAI-compatible server on the same GGUF
-            port = 8765
+            port = free_port()
             model = weights_for_plain_llama_cpp(Settings().responder_model, Settings().data_dir / "models")
             server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model,
                                        "--port", str(port), "--n_ctx", "2048"],
@@ -246,6 +258,7 @@ def bench_grounding(args) -> None:
                 report = grounding_eval(pipeline, questions)
                 report["seconds"] = round(time.perf_counter() - started, 1)
                 report["measured"] = machine()["date"]
+                report["machine"] = machine()  # backends kept from an earlier run keep their own
                 results[name] = report
                 print(name, {k: v for k, v in report.items() if k != "rows"}, flush=True)
         finally:
@@ -279,15 +292,16 @@ def bench_distributed(args) -> None:
     """Issue 3's figures: NLU tickets/s and time to first token, in-process against through
     Celery and Redis, on the same machine in the same run."""
     from pipeline.chain import Done, Token
-    from pipeline.data_io import read_labelled_csv
-    from pipeline.settings import PACKAGE_DATA, Settings
+    from pipeline.settings import Settings
 
-    texts, _ = read_labelled_csv(PACKAGE_DATA / "banking77" / "test.csv", "text", "category")
-    texts = texts[: args.tickets]
+    texts, _ = banking77_test(args.tickets)
+    # Chats spread over the intents: the test file is sorted by intent, and its first rows, all
+    # card_arrival, had shared one help article in the prompt-prefix cache.
+    chats, _ = banking77_test(args.messages)
     with private_redis("tandem-bench-") as workdir:
         # In-process first, alone on the machine.
         pipeline = _pipeline(data_dir=workdir / "data")
-        pipeline.understand(texts[:64])
+        pipeline.understand([f"warm up {i}" for i in range(64)])  # not the measured texts: their vectors are kept
         from workers.batch import length_sorted_chunks
 
         # The same chunks as run_batch below cuts, so the two differ only by Celery and Redis.
@@ -300,7 +314,7 @@ def bench_distributed(args) -> None:
         # a draft that streamed nothing), the reply that ends the stream. Counting only tokens
         # would leave out the slowest replies.
         in_process_ttft, quoted_only = [], {"in_process": 0, "celery": 0}
-        for text in texts[: args.messages]:
+        for text in chats:
             t0 = time.perf_counter()
             for event in pipeline.stream(text + " (in-process)"):
                 if isinstance(event, Token | Done):
@@ -326,7 +340,7 @@ def bench_distributed(args) -> None:
             celery_tps = len(texts) / (time.perf_counter() - started)
             client = connect(Settings().resolved_redis_url)
             celery_ttft = []
-            for text in texts[: args.messages]:
+            for text in chats:
                 t0 = time.perf_counter()
                 reply_id = submit_message(text + " (through workers)", use_cache=False)
                 for _, kind, _ in stream_reply(client, reply_id):
@@ -447,6 +461,7 @@ def main() -> None:
     p.add_argument("--rounds", type=count, default=2, help="replies per stream at each level")
     p.add_argument("--alone-replies", type=count, default=8)
     p.add_argument("--pairs", type=count, default=3, help="alternating llama.cpp-alone / single-stream runs")
+    p.add_argument("--repeats", type=count, default=2, help="runs at each level above one stream; the best is reported")
     p.add_argument("--max-tokens", type=count, default=64)
     p.add_argument("--threads", type=count, default=None)
     p.add_argument("--gpu-layers", type=int, default=0, help="offload to the GPU (-1: all layers; CUDA build)")

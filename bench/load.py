@@ -23,7 +23,7 @@ import time
 import httpx
 import psutil
 
-from bench.__main__ import count, free_port, result_name, save
+from bench.__main__ import count, free_port, percentile, result_name, save
 from pipeline.settings import Settings
 
 
@@ -81,6 +81,10 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     return out
 
 
+_NOT_PASSED_ON = {f"TANDEM_{name}" for name in ("REDIS_URL", "DATA_DIR", "API_HOST", "API_PORT", "EMBEDDED_REDIS_PORT",
+                                                 "API_KEYS", "API_KEYS_FILE", "RATE_LIMIT_PER_MINUTE")}
+
+
 async def run(args) -> None:
     from pipeline.data_io import read_labelled_csv
     from pipeline.settings import PACKAGE_DATA
@@ -90,19 +94,26 @@ async def run(args) -> None:
     url = args.url
     if not url:
         api_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+        # The caller's settings reach `tandem up` (TANDEM_GEN_POOL=solo is how `make bench` runs the
+        # solo pool), except those that would point it at another Redis, folder or port, or
+        # make its API refuse the clients' unauthenticated requests.
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_PASSED_ON}
         env.update(TANDEM_DATA_DIR=tempfile.mkdtemp(prefix="tandem-load-"), TANDEM_API_PORT=str(api_port),
                    TANDEM_EMBEDDED_REDIS_PORT=str(free_port()), HF_HUB_OFFLINE="1", TANDEM_REQUEST_TIMEOUT_S="300")
         up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{api_port}"
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while True:
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
+            if time.monotonic() > deadline or up.poll() is not None:
+                up.send_signal(signal.SIGINT)
+                up.wait(60)
+                raise SystemExit(f"tandem up was not ready at {url} within 300 s (exit code {up.poll()})")
             await asyncio.sleep(1)
     try:
         results: list[dict] = []
@@ -123,22 +134,22 @@ async def run(args) -> None:
     ok = [r for r in results if "error" not in r]
     ttft = sorted(r["ttft_ms"] for r in ok if r["ttft_ms"] is not None)
 
-    def pct(values, q):
-        return round(values[min(len(values) - 1, int(q * len(values)))], 1) if values else None
-
     save(args.out, {
         "clients": args.clients, "seconds": args.seconds, "wall_seconds": round(elapsed, 1),
         "chats": len(results), "errors": len(results) - len(ok),
         "error_samples": [r["error"] for r in results if "error" in r][:5],
         "truncated": sum(not r["whole"] for r in ok), "interleaved": sum(not r["own"] for r in ok),
-        "first_token_ms_p50": pct(ttft, 0.5), "first_token_ms_p95": pct(ttft, 0.95),
+        "first_token_ms_p50": percentile(ttft, 0.5), "first_token_ms_p95": percentile(ttft, 0.95),
         "chunks_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 1),
         "chat_seconds_p50": round(statistics.median(r["seconds"] for r in ok), 1) if ok else None,
         "memory_samples": memory[:: max(1, len(memory) // 6)] + memory[-1:],
-        "gen_pool": Settings().gen_pool,
-        "note": ("the gen worker's thread pool hands concurrent chats to the batcher together"
-                 if Settings().gen_pool == "threads" else
-                 "the solo gen worker takes one chat at a time (the threads pool batches them)"),
+        # The pool `tandem up` was started with (its settings come from this environment); unknown
+        # for a server at --url.
+        "gen_pool": None if args.url else Settings().gen_pool,
+        "note": {None: "the gen worker's pool is the server's own",
+                 "threads": "the gen worker's thread pool hands concurrent chats to the batcher together",
+                 "solo": "the solo gen worker takes one chat at a time (the threads pool batches them)"}[
+                     None if args.url else Settings().gen_pool],
     })
 
 

@@ -143,6 +143,8 @@ def main() -> None:
                       "failures": failures, "rows": rows})
     print(markdown(rows))
     print(f"machine: {machine()}")
+    if failures:  # the table above lacks them: a run that looks complete must not be
+        raise SystemExit(f"{len(failures)} method(s) failed: {', '.join(f['method'] for f in failures)}")
 
 
 if __name__ == "__main__":

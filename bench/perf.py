@@ -28,16 +28,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.__main__ import RESULTS, _pipeline, banking77_test, machine, private_redis, running_workers, save, wait_for_queues
+from bench.__main__ import (
+    RESULTS,
+    _pipeline,
+    banking77_test,
+    machine,
+    percentile,
+    private_redis,
+    running_workers,
+    save,
+    wait_for_queues,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
 # ---------------------------------------------------------------------------------- NLU
@@ -116,6 +119,8 @@ def bench_nlu(args) -> None:
             runs_of.append(_ours_nlu(before if name == "ours_batches_by_count" else shipped, texts, labels,
                                      length_sorted=name == "ours_length_sorted"))
     rows = {name: max(runs_of, key=lambda row: row["tickets_per_s"]) for name, runs_of in runs.items()}
+    # On the peers' tickets too, so the accuracies compare on the same messages.
+    rows["ours_on_peer_tickets"] = _ours_nlu(shipped, *banking77_test(args.peer_tickets))
     sample_tickets = _encoder_on_sample_tickets(shipped, before)
     del shipped, before
     print(rows, flush=True)
@@ -276,6 +281,10 @@ def bench_decode(args) -> None:
 
     # As the gen worker serves it: on a CPU from a BF16 or Q8_0 copy (settings.responder_cpu_weights).
     engine = batcher(settings.responder_cpu_weights)
+    # llama.cpp alone on the weights the batcher serves too: the batcher against the same work
+    # (the file's 4-bit weights and a BF16 copy decode one stream at different speeds).
+    same = None if Path(engine.weights_path) == Path(plain) else Llama(
+        model_path=engine.weights_path, n_ctx=2048, n_threads=threads, n_gpu_layers=args.gpu_layers, verbose=False)
     # llama.cpp alone runs the configured file, as a user would; where the batcher serves a copy,
     # the copy is also weighed against the file, and a BF16 copy against the Q8_0 one (what a
     # CPU without bfloat16 instructions is served), through the same batcher.
@@ -285,20 +294,30 @@ def bench_decode(args) -> None:
     for name, prompts in workloads.items():
         # llama.cpp alone and one stream through the batcher, in alternation: this machine's
         # speed drifts by tens of percent within minutes, so back-to-back pairs compare fairly.
-        pairs = []
+        pairs, alone_runs, single_runs = [], [], []
         for _ in range(args.pairs):
-            alone = _llama_cpp_alone(llm, _replies(prompts, 1, args), args.max_tokens)
-            one_stream = _engine_run(engine, _replies(prompts, 1, args), 1, args.max_tokens)
-            pairs.append({"llama_cpp_alone": alone["tokens_per_s"], "batcher": one_stream["tokens_per_s"]})
+            alone_runs.append(_llama_cpp_alone(llm, _replies(prompts, 1, args), args.max_tokens))
+            pair = {"llama_cpp_alone": alone_runs[-1]["tokens_per_s"]}
+            if same is not None:
+                pair["llama_cpp_alone_same_weights"] = _llama_cpp_alone(same, _replies(prompts, 1, args),
+                                                                        args.max_tokens)["tokens_per_s"]
+            single_runs.append(_engine_run(engine, _replies(prompts, 1, args), 1, args.max_tokens))
+            pairs.append({**pair, "batcher": single_runs[-1]["tokens_per_s"]})
             print(name, "pair", pairs[-1], flush=True)
-        rows = [one_stream]  # the last pair's run is the table's single-stream row
+        # Each level's row is the best of `repeats` runs, one stream's the best of the pairs' runs:
+        # one run a level had put 16 short streams below 8 in one run and above it in the next.
+        rows = [max(single_runs, key=lambda r: r["tokens_per_s"])]
         for level in sorted(set(args.levels) - {1}):
-            rows.append(_engine_run(engine, _replies(prompts, level, args), level, args.max_tokens))
+            runs = [_engine_run(engine, _replies(prompts, level, args), level, args.max_tokens) for _ in range(args.repeats)]
+            rows.append({**max(runs, key=lambda r: r["tokens_per_s"]), "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]})
             print(name, rows[-1], flush=True)
-        ratio = statistics.median(p["batcher"] / p["llama_cpp_alone"] for p in pairs)
         single = rows[0]["tokens_per_s"]
-        results[name] = {"llama_cpp_alone": alone, "pairs": pairs, "rows": rows,
-                         "ratios": {"single_over_llama_cpp_alone": round(ratio, 3),
+        results[name] = {"llama_cpp_alone": max(alone_runs, key=lambda r: r["tokens_per_s"]), "pairs": pairs, "rows": rows,
+                         "ratios": {"single_over_llama_cpp_alone": round(statistics.median(
+                                        p["batcher"] / p["llama_cpp_alone"] for p in pairs), 3),
+                                    **({"single_over_llama_cpp_alone_same_weights": round(statistics.median(
+                                        p["batcher"] / p["llama_cpp_alone_same_weights"] for p in pairs), 3)}
+                                       if same is not None else {}),
                                     **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
                                        for r in rows}}}
         # The most tokens the batcher computes per second on this machine: prompts alone, in
@@ -310,7 +329,8 @@ def bench_decode(args) -> None:
         if others:
             results[name]["weights"] = _weights_ab(engine, others, prompts, args)
     save(args.out, {"model": Path(settings.responder_model).name, "weights": Path(engine.weights_path).name,
-                    "llama_cpp_alone_weights": Path(plain).name, "threads": threads, "max_tokens": args.max_tokens,
+                    "llama_cpp_alone_weights": Path(plain).name, "repeats": args.repeats, "threads": threads,
+                    "max_tokens": args.max_tokens,
                     "gpu_layers": args.gpu_layers, "gpu": _gpu_name() if args.gpu_layers else None,
                     "workloads": results})
 
@@ -535,7 +555,7 @@ def _serving_rows(args, texts: list[str]) -> list[dict]:
                 t.join()
         ok = [v for v in ttft if v == v]
         rows.append({"concurrent_chats": level, "chats": len(ttft), "failed": len(ttft) - len(ok),
-                     "first_token_ms_p50": _percentile(ok, 0.5), "first_token_ms_p95": _percentile(ok, 0.95),
+                     "first_token_ms_p50": percentile(ok, 0.5), "first_token_ms_p95": percentile(ok, 0.95),
                      "seconds": round(time.perf_counter() - started, 1), "first_token_ms": sorted(round(v) for v in ok)})
         print({k: v for k, v in rows[-1].items() if k != "first_token_ms"}, flush=True)
     return rows
@@ -628,8 +648,8 @@ def _chats_during_job(client, settings, job_texts: list[str], chats: list[str], 
         time.sleep(0.5)
     ok = [v for v in first_ms if v == v]
     return {"batch_priority": priority, "job_tickets": len(tickets), "draft_tasks_queued_when_chats_sent": queued,
-            "chats": len(chats), "failed": len(chats) - len(ok), "first_token_ms_p50": _percentile(ok, 0.5),
-            "first_token_ms_p95": _percentile(ok, 0.95), "first_token_ms": sorted(round(v) for v in ok),
+            "chats": len(chats), "failed": len(chats) - len(ok), "first_token_ms_p50": percentile(ok, 0.5),
+            "first_token_ms_p95": percentile(ok, 0.95), "first_token_ms": sorted(round(v) for v in ok),
             "job_tickets_drafted_before_first_token": sorted(drafted_before), "seconds": round(seconds, 1)}
 
 
@@ -712,6 +732,10 @@ def bench_hardware(args) -> None:
     from pipeline.llama_cpp_backend import weights_copy
 
     decode = json.loads((RESULTS / "decode.json").read_text()) if (RESULTS / "decode.json").is_file() else None
+    if decode and decode["machine"]["cpu"] != machine()["cpu"]:
+        # Its tokens/s against this machine's peak and bandwidth would mix two machines.
+        print(f"decode rows left out: bench decode last ran on {decode['machine']['cpu']}; run it here first", flush=True)
+        decode = None
     # The weights bench decode served: the configured file, or its BF16 or Q8_0 copy under data_dir.
     # The copy's name carries a digest of this install's file path, so it is made (or found) here
     # from its kind: the name in decode.json did not exist on a fresh install of the same revision.

@@ -254,16 +254,16 @@ class HybridPipeline:
     def _encode(self, messages: list[str]) -> np.ndarray:
         return self._vectors(messages) if messages else np.zeros((0, self.encoder.dim), np.float32)
 
-    def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None) -> list[Passage]:
-        return self.retrieve_many(embedding.reshape(1, -1), [top_intents])[0]
+    def retrieve(self, embedding: np.ndarray, top_intents: list[dict] | None = None, k: int | None = None) -> list[Passage]:
+        return self.retrieve_many(embedding.reshape(1, -1), [top_intents], k=k)[0]
 
     def retrieve_many(self, embeddings: np.ndarray, top_intents: list[list[dict] | None],
-                      index: KnowledgeIndex | None = None) -> list[list[Passage]]:
-        """The passages for each embedding: its nearest ones, and with intent routing on, the
-        nearest in the articles of its top intents, each scored by similarity plus the
-        probability of the article's intent. One passage per article. ``index``: the one
-        served when the call began (reload_index may swap another in meanwhile)."""
-        k, index = self.settings.top_k, self.index if index is None else index  # an empty index is falsy
+                      index: KnowledgeIndex | None = None, k: int | None = None) -> list[list[Passage]]:
+        """The ``k`` (default TANDEM_TOP_K) passages for each embedding: its nearest ones, and with
+        intent routing on, the nearest in the articles of its top intents, each scored by
+        similarity plus the probability of the article's intent. One passage per article.
+        ``index``: the one served when the call began (reload_index may swap another in meanwhile)."""
+        k, index = k or self.settings.top_k, self.index if index is None else index  # an empty index is falsy
         nearest = index.search_many(embeddings, 4 * k)
         routed_rows = [i for i, top in enumerate(top_intents) if top and self.settings.route_by_intent]
         probabilities = {i: {t["intent"]: t["confidence"] for t in top_intents[i]} for i in routed_rows}
@@ -334,7 +334,7 @@ class HybridPipeline:
                             sentences = draft[checked:end]
                             # A rejected sentence fails the whole reply, which the guard will replace:
                             # stop decoding it now rather than at max_tokens, and stream nothing after it.
-                            if sentences.strip() and not self.guard.check(sentences, shown).supported:
+                            if sentences.strip() and not self.guard.check(sentences, shown, whole=False).supported:
                                 rejected = True
                                 if not hold and end > shown_up_to:
                                     yield release(draft[shown_up_to:end])
@@ -499,10 +499,16 @@ def load_or_build_index(settings: Settings, encoder: SentenceEncoder, progress: 
     """The configured index; without one, the bundled help centre, built once and kept."""
     directory = settings.resolved_index_dir
     if settings.index_dir is not None:
-        return KnowledgeIndex.load(directory)
+        index = KnowledgeIndex.load(directory)
+        if index.chunk_words != settings.chunk_words:
+            log.warning("%s was cut into passages of %d words, not TANDEM_CHUNK_WORDS=%d: rebuild it with "
+                        "`tandem index`", directory, index.chunk_words, settings.chunk_words)
+        return index
     if (directory / "meta.json").is_file():
         index = KnowledgeIndex.load(directory)
-        if index.encoder == encoder.identity:
+        # Built with another encoder or passage size, it is built again.
+        if index.encoder == encoder.identity and index.chunk_words == settings.chunk_words:
+            index.exact_max = settings.exact_index_max
             # Pick up edits to the knowledge base folder without a full rebuild.
             articles = load_articles(settings.kb_dir)
             changed = index.upsert(articles, encoder.embed)

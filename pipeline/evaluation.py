@@ -40,13 +40,15 @@ def retrieval_recall(pipeline: HybridPipeline, texts: list[str], labels: list[st
                      progress: Callable[[int], None] | None = None, batch: int = 256) -> dict:
     """Share of messages whose top-k passages include an article written for their intent,
     with intent routing (as the pipeline retrieves) and with the vector search alone."""
+    if not texts:
+        raise ValueError("no messages to measure retrieval on")
     routed = plain = 0
     for start in range(0, len(texts), batch):
         chunk, gold = texts[start:start + batch], labels[start:start + batch]
         vectors = pipeline.encoder.encode(chunk)
         predictions = pipeline.classifier.predict(vectors, chunk, k=3)
         for vector, prediction, label in zip(vectors, predictions, gold):
-            routed += any(label in p.intents for p in pipeline.retrieve(vector, prediction.top_intents)[:k])
+            routed += any(label in p.intents for p in pipeline.retrieve(vector, prediction.top_intents, k=k))
             plain += any(label in p.intents for p in pipeline.index.search(vector, k))
         if progress:
             progress(min(start + batch, len(texts)))
@@ -58,6 +60,8 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
                    progress: Callable[[int], None] | None = None) -> dict:
     """Key-fact recall and unsupported-number rate of the draft (before the guard) and the
     final reply (after it: replaced, completed with passage sentences, or as drafted)."""
+    if not questions:
+        raise ValueError("no grounding questions")
     rows = []
     for n, question in enumerate(questions, 1):
         draft = []

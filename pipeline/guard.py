@@ -29,8 +29,19 @@ from pipeline.knowledge import Passage
 
 Embed = Callable[[list[str]], np.ndarray]
 
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_DURATION = re.compile(r"(\d+(?:[.,]\d+)*)(?:\s*(?:–|—|-|to)\s*(\d+(?:[.,]\d+)*))?\s*"
+# A number with what makes it an amount, a share or a time ("£10", "0.5%", "10pm"), so "£10" is not
+# taken as supported by "10 working days". Not one glued to letters ("3D Secure", "Q4") but
+# ordinals ("1st"); a step's number is a list mark, read as none (``_STEP_NUMBER``).
+_NUMBER = re.compile(r"(?<![\w.,:])([£$€]\s?)?(\d+(?:[.,:]\d+)*)(\s?%|\s?per ?cent\b|\s?[ap]\.?m\b\.?|k\b)?"
+                     r"(?![.,:]?\d)(?=st\b|nd\b|rd\b|th\b|[^\w]|$)", re.IGNORECASE)
+# A step's number: at a line's start, or after the end of the step before it ("… app. 2. Check …").
+_STEP_NUMBER = re.compile(r"(?:^|(?<=[.!?…:])\s)\s*\d+[.)](?:\s+|$)", re.MULTILINE)  # "$": a step streamed so far
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate([
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])} | {
+    w: str(30 + 10 * i) for i, w in enumerate(["thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"])}
+_COUNT = r"\d+(?:[.,]\d+)*|" + "|".join(_NUMBER_WORDS)
+_DURATION = re.compile(rf"\b({_COUNT})(?:\s*(?:–|—|-|to)\s*({_COUNT}))?[\s-]*"
                        r"(?:working |business |calendar )?(minute|hour|day|week|month|year)s?\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _APP_PATH_STEP = re.compile(r"([\w'’]+)[\"”]?\s*(?:→|->)\s*(?=[\"“]?([\w'’]+))")
@@ -48,21 +59,62 @@ _NARRATION_OPENINGS = ("the customer", "the user")
 _NARRATION = re.compile(r"the (?:customer|user)(?:'s|s)?\b(?! service| support)")
 
 
+def _value(number: str) -> str:
+    """A number as its value is written: thousands separators, leading zeros and a decimal part's
+    trailing zeros dropped ("1,000.50" -> "1000.5", "£5.00" -> "5", "07:30" -> "7:30")."""
+    number = re.sub(r",(?=\d{3}(?!\d))", "", number)
+    if ":" in number:
+        hours, _, minutes = number.partition(":")
+        return f"{int(hours)}:{minutes}" if hours.isdigit() else number
+    whole, dot, fraction = number.partition(".")
+    whole = whole.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    return f"{whole}.{fraction}" if dot and fraction else whole
+
+
 def numbers_in(text: str) -> set[str]:
-    """Numbers as written, thousands separators dropped: "£1,000.50" -> {"1000.50"}."""
-    return {re.sub(r",(?=\d{3}\b)", "", n).rstrip(".,") for n in _NUMBER.findall(text)}
+    """The text's numbers, each with its kind: "£1,000.50 by 10pm, 0.50% or 7:30" ->
+    {"£1000.5", "10pm", "0.5%", "7:30"}; a plain count is its value alone ("3 days" -> "3")."""
+    found = set()
+    for currency, number, suffix in _NUMBER.findall(_STEP_NUMBER.sub(" ", text)):
+        value = _value(number)
+        suffix = suffix.lower().replace(" ", "").replace(".", "")
+        if suffix == "k":  # "£15k"
+            value, suffix = _value(str(float(value) * 1000).removesuffix(".0")), ""
+        if suffix in ("am", "pm"):
+            value = value.removesuffix(":00") + suffix
+        elif suffix:  # "%", "percent", "per cent"
+            value += "%"
+        found.add(currency.strip() + value)
+    return found
+
+
+def _count(word: str) -> str:
+    return _NUMBER_WORDS.get(word.lower()) or _value(word)
 
 
 def durations_in(text: str) -> set[tuple[str, str, str]]:
-    """Durations as (from, to, unit), ``to`` empty for a single one: "3–5 working days" -> ("3", "5", "day")."""
-    return {(a, b, unit.lower()) for a, b, unit in _DURATION.findall(text)}
+    """Durations as (from, to, unit), ``to`` empty for a single one, counts in words read as
+    digits: "3–5 working days" -> ("3", "5", "day"), "seven days" -> ("7", "", "day")."""
+    return {(_count(a), _count(b) if b else "", unit.lower()) for a, b, unit in _DURATION.findall(text)}
+
+
+def _supported(number: str, given: set[str]) -> bool:
+    """A number of a kind ("£10", "10pm") must be given as that kind; a plain one as any kind
+    ("10" is how a reply may say "£10")."""
+    if number in given:
+        return True
+    return number.isascii() and re.fullmatch(r"[\d.:]+", number) is not None and \
+        number in {re.sub(r"^[£$€]|%$|[ap]m$", "", g) for g in given}
 
 
 def unsupported_numbers(reply: str, source: str) -> list[str]:
-    """The reply's numbers that the source does not give, and its durations that misstate one:
-    "3 days" where the source says "3–5 working days" understates it. A single duration must be
-    one the source gives alone or as the top of a range ("up to 5 days"); a range must match."""
-    missing = sorted(numbers_in(reply) - numbers_in(source))
+    """The reply's numbers that the source does not give (as the same kind: "£10" is not
+    supported by "10 working days"), and its durations that misstate one: "3 days" where the
+    source says "3–5 working days" understates it. A single duration must be one the source
+    gives alone or as the top of a range ("up to 5 days"); a range must match."""
+    given_numbers = numbers_in(source)
+    missing = sorted(n for n in numbers_in(reply) if not _supported(n, given_numbers))
     given = durations_in(source)
     for start, end, unit in sorted(durations_in(reply)):
         if end and (start, end, unit) in given:
@@ -74,9 +126,12 @@ def unsupported_numbers(reply: str, source: str) -> list[str]:
 
 
 def specifics(text: str) -> set[str]:
-    """What a customer acts on: the numbers, and each step of an app path ("Cards → Security" -> "cards→security")."""
+    """What a customer acts on: the numbers (in digits or words: "six-digit" gives "6"), and each
+    step of an app path ("Cards → Security" -> "cards→security")."""
     steps = {f"{a}→{b}".lower().replace("’", "'") for a, b in _APP_PATH_STEP.findall(text)}
-    return numbers_in(text) | steps
+    words = re.sub(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1).lower()], text,
+                   flags=re.IGNORECASE)
+    return numbers_in(words) | steps
 
 
 def last_sentence_end(text: str) -> int:
@@ -94,12 +149,28 @@ def sentences(text: str) -> list[str]:
     return [s for s in parts if len(s.split()) >= 3 and not s.startswith("#")]
 
 
+def unwrapped(text: str) -> str:
+    """Passage text with the line breaks inside a paragraph joined, so an article hard-wrapped at
+    a fixed width splits into its sentences, not its lines; a heading, a list item or a table row
+    keeps its own line."""
+    lines = text.split("\n")
+    out = lines[:1]
+    for line in lines[1:]:
+        before = out[-1].strip()
+        if before and line.strip() and not before.startswith(("#", "|")) and \
+                not re.match(r"\s*(?:[-*•#|]|\d+[.)]\s)", line):
+            out[-1] = f"{out[-1].rstrip()} {line.strip()}"
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 def lead(passage: Passage) -> str:
     """The article's opening paragraph, when the passage begins its article and opens with prose
     rather than a heading or a list: help articles open with the answer, then the detail."""
     if not passage.opens_article:
         return ""
-    first = re.split(r"\n\s*\n", passage.text.strip(), maxsplit=1)[0]
+    first = unwrapped(re.split(r"\n\s*\n", passage.text.strip(), maxsplit=1)[0])
     return "" if first.startswith("#") or _LIST_MARK.match(first) else first
 
 
@@ -124,7 +195,9 @@ def off_track(draft: str) -> tuple[int | None, int]:
         words = text.split()
         if not words:
             continue
-        if _NARRATION.match(text):
+        if narration := _NARRATION.match(text):
+            if not finished and narration.end() == len(text):
+                return None, start  # "The customer" may yet become "The customer service team ..."
             return start, start
         for before in earlier:
             if finished and len(words) >= 3 and before[: len(words)] == words:
@@ -158,19 +231,23 @@ class GroundingGuard:
     @property
     def identity(self) -> str:
         """What a cached reply depends on in the guard; the version moves when its rules do."""
-        return f"guard4:{self.similarity_threshold}:{self.complete_sentences}"
+        return f"guard5:{self.similarity_threshold}:{self.complete_sentences}"
 
-    def check(self, reply: str, passages: list[Passage]) -> GuardVerdict:
-        source = "\n".join(f"{p.title}\n{p.text}" for p in passages)
+    def check(self, reply: str, passages: list[Passage], whole: bool = True) -> GuardVerdict:
+        """Whether the passages support ``reply``. A ``whole`` reply with no sentence of three
+        words is compared as it stands ("No." is not an answer the passages give); a part of a
+        reply being streamed ("Sure!") is judged on its numbers alone, its sentences to come."""
+        source = "\n".join(f"{p.title}\n{unwrapped(p.text)}" for p in passages)
         unsupported = unsupported_numbers(reply, source)
-        reply_sentences = sentences(reply)
+        reply_sentences = sentences(reply) or ([reply.strip()] if whole and reply.strip() else [])
         passage_sentences = sentences(source)
         min_similarity = None
         if reply_sentences and passage_sentences:
             vectors = self._embed(reply_sentences + passage_sentences)
             similarity = vectors[: len(reply_sentences)] @ vectors[len(reply_sentences):].T
             min_similarity = round(float(similarity.max(axis=1).min()), 4)
-        supported = (bool(reply.strip()) and not unsupported and
+        compared = min_similarity is not None or not reply_sentences  # no passage sentence: nothing supports it
+        supported = (bool(reply.strip()) and not unsupported and compared and
                      (min_similarity is None or min_similarity >= self.similarity_threshold))
         return GuardVerdict(supported, unsupported, min_similarity)
 
@@ -200,7 +277,7 @@ class GroundingGuard:
         closest to sentences that do not answer it; lead first took key-fact recall after the
         guard from 69% to 72% on the grounding set (README, "Reading these figures"). The best
         passage's sentences get a small head start too: retrieval ranked it first for a reason."""
-        candidates = [(rank, sentence) for rank, p in enumerate(passages) for sentence in sentences(p.text)]
+        candidates = [(rank, sentence) for rank, p in enumerate(passages) for sentence in sentences(unwrapped(p.text))]
         if not candidates or n <= 0:
             return []
         opening = set(sentences(lead(passages[0])))

@@ -78,10 +78,11 @@ def _split_questions(body: str) -> tuple[str, list[str]]:
     if not match:
         return body.strip(), []
     rest = body[match.end():]
-    next_heading = re.search(r"^##\s", rest, re.MULTILINE)
+    next_heading = re.search(r"^#+\s", rest, re.MULTILINE)  # any heading: "### Fees" after "### Common questions" too
     section = rest[: next_heading.start()] if next_heading else rest
     after = rest[next_heading.start():] if next_heading else ""
-    questions = [line.lstrip("-*0123456789. ").strip() for line in section.splitlines()]
+    # Only a list mark goes: stripping digits as well turned "3D Secure failed?" into "D Secure failed?".
+    questions = [re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", line).strip() for line in section.splitlines()]
     return (body[: match.start()] + after).strip(), [q for q in questions if q]
 
 

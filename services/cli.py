@@ -212,8 +212,14 @@ def index(
             # Every article comes from KB_DIR, so the index can be made again from it; refusing
             # left no way out but deleting the folder, since the error says to run this command.
             err.print(f"[yellow]warning:[/] {escape(str(exc))}; building it again from {kb_dir}", soft_wrap=True)
+    if knowledge is not None and knowledge.chunk_words != settings.chunk_words:
+        # Its passages were cut at another size; an update would cut only the changed articles anew.
+        err.print(f"[yellow]warning:[/] {out} was cut into passages of {knowledge.chunk_words} words, "
+                  f"TANDEM_CHUNK_WORDS is {settings.chunk_words}: building it again", soft_wrap=True)
+        knowledge = None
     if knowledge is None:
         knowledge = KnowledgeIndex(encoder.dim, encoder.identity, settings.exact_index_max, settings.chunk_words)
+    knowledge.exact_max = settings.exact_index_max  # read when vectors are added: applies from this update
     if knowledge.encoder != encoder.identity:
         raise TandemError(f"{out} was built with encoder {knowledge.encoder!r}; this one is {encoder.identity!r}: "
                           f"write a new index folder")

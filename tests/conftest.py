@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.settings import PACKAGE_DATA, Settings  # noqa: E402
 
-from .helpers import free_port, wait_until  # noqa: E402
+from .helpers import NeverReady, free_port, wait_until  # noqa: E402
 
 BANKING77 = PACKAGE_DATA / "banking77"
 
@@ -56,7 +56,7 @@ def banking77_test():
 
 # ---------------------------------------------------------------- Redis and workers
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]  # the repository root, where the workers run (parents[2] was its parent)
 
 
 class Workers:
@@ -80,7 +80,7 @@ class Workers:
 
         def ready() -> bool:
             if self.processes[queue].poll() is not None:
-                raise RuntimeError(f"{queue} worker exited with {self.processes[queue].returncode}")
+                raise NeverReady(f"{queue} worker exited with {self.processes[queue].returncode}; see {self.logs}")
             queues = app.control.inspect(timeout=1).active_queues() or {}
             return any(q["name"] == queue for qs in queues.values() for q in qs)
 
@@ -90,6 +90,13 @@ class Workers:
         process = self.processes.pop(queue)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
+
+    def restart(self, queue: str, env: dict[str, str] | None = None) -> None:
+        """Kill the ``queue`` worker if there is one, and start another with ``env``: also after a
+        failed start, which leaves a process that never got ready."""
+        if queue in self.processes:
+            self.kill(queue)
+        self.start(queue, env=env)
 
     def stop_all(self) -> None:
         for process in self.processes.values():
@@ -136,12 +143,14 @@ def monkeypatch_session():
 @pytest.fixture(scope="session")
 def workers(worker_settings, tmp_path_factory):
     pool = Workers(dict(os.environ), tmp_path_factory.mktemp("worker-logs"))
-    pool.start("nlu", wait=False)
-    pool.start("gen", wait=False)
-    pool.wait_ready("nlu")
-    pool.wait_ready("gen")
-    yield pool
-    pool.stop_all()
+    try:  # one worker that fails to get ready must not leave the other running after the session
+        pool.start("nlu", wait=False)
+        pool.start("gen", wait=False)
+        pool.wait_ready("nlu")
+        pool.wait_ready("gen")
+        yield pool
+    finally:
+        pool.stop_all()
 
 
 @pytest.fixture

@@ -189,9 +189,9 @@ PASSING_DRAFT = ["Standard delivery takes ", "3–5 working days in the UK. ", "
 
 
 def test_a_rejected_draft_gets_a_second_draft_that_restarts_the_stream(pipeline, monkeypatch):
+    assert pipeline.settings.guard_second_draft, "on by default"
     identity = pipeline.reply_identity
     events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, PASSING_DRAFT)
-    assert pipeline.reply_identity == identity  # on by default
     assert record["instructions"] == [ANSWER, STEPS] and record["read"] == 1 + len(PASSING_DRAFT)
     tokens = [e for e in events if isinstance(e, Token)]
     assert tokens[0].text == "Delivery takes 9 working days. " and not tokens[0].restart
@@ -354,6 +354,16 @@ def test_edited_knowledge_base_is_picked_up_without_a_rebuild(settings, encoder,
     again = load_or_build_index(local, encoder)
     assert "age-limit" not in again.articles and again.version != first.version
     assert len(again.articles) == 76
+    # another passage size is not an edit: the index is cut again (it had kept the old size)
+    resized = load_or_build_index(local.model_copy(update={"chunk_words": 60}), encoder)
+    assert resized.chunk_words == 60 and len(resized) > len(again) and resized.version != again.version
+
+
+def test_retrieval_recall_at_k_retrieves_k_passages(pipeline, banking77_test):
+    texts, labels = banking77_test
+    at_3, at_5 = (retrieval_recall(pipeline, texts[::10], labels[::10], k=k) for k in (3, 5))
+    assert at_5["recall_routed"] > at_3["recall_routed"]  # recall@5 had been measured on TANDEM_TOP_K (3) passages
+    assert len(pipeline.retrieve(pipeline.encoder.encode(texts[:1])[0], k=5)) == 5
 
 
 def _quantized(model) -> set[str]:

@@ -13,6 +13,7 @@ from pipeline.guard import (
     sentences,
     specifics,
     unsupported_numbers,
+    unwrapped,
 )
 from pipeline.knowledge import Passage
 
@@ -21,9 +22,30 @@ def passage(text: str) -> Passage:
     return Passage(article_id="fees", title="Fees", url="", text=text, score=1.0)
 
 
-def test_numbers_are_normalised():
-    assert numbers_in("£1,000.50 within 3–5 days, 0.5%") == {"1000.50", "3", "5", "0.5"}
+def test_numbers_are_read_with_their_kind_and_normalised():
+    assert numbers_in("£1,000.50 within 3–5 days, 0.50%") == {"£1000.5", "3", "5", "0.5%"}
+    assert numbers_in("by 10 p.m. or 07:30, £5.00, £15k, 2 per cent, the 1st") == {
+        "10pm", "7:30", "£5", "£15000", "2%", "1"}
+    assert numbers_in("3D Secure, Q4, 6-digit") == {"6"}  # a number glued to letters is a name
+    assert numbers_in("1. Open the app\n2) Tap Cards. 3. Tap Freeze. It takes 2. Then") == {"2"}  # steps are marks
     assert numbers_in("no digits") == set()
+    assert numbers_in("Freeze it. 1. ") == numbers_in("1.") == set()  # a second draft's first step, as it streams
+
+
+@pytest.mark.parametrize("reply, unsupported", [
+    ("We charge a £10 replacement fee.", ["£10"]),  # the 10 is of days, not pounds
+    ("Exchange is free until Friday 10am.", ["10am"]),
+    ("It costs £5.00 and 0.50% above that.", []),
+    ("It costs 5 pounds.", []),  # a plain number may stand for an amount the source gives
+    ("Allow 10%.", ["10%"]),
+    ("1. Open the app.\n2. Tap Cards.\n3. Tap Replace.", []),
+    ("Report it after seven working days.", ["7 days"]),  # a count in words is read too
+    ("You have 30 days to return it.", []),
+])
+def test_numbers_must_be_given_as_the_same_kind(reply, unsupported):
+    source = ("If it has not arrived after 10 working days, tell us by 10pm on Friday. A card costs £5, "
+              "then 0.5% a month. You have a 30-day window.")
+    assert unsupported_numbers(reply, source) == unsupported
 
 
 def test_durations_are_read_with_their_ranges():
@@ -66,7 +88,7 @@ def test_supported_reply_passes(guard):
 
 def test_invented_number_fails(guard):
     verdict = guard.check("A replacement card costs £12 and arrives in 3–5 working days.", PASSAGES)
-    assert not verdict.supported and verdict.unsupported_numbers == ["12"]
+    assert not verdict.supported and verdict.unsupported_numbers == ["£12"]
 
 
 def test_misstated_duration_fails(guard):
@@ -154,6 +176,30 @@ def test_a_close_sentence_without_its_specifics_is_not_said(encoder):
     assert guard.missing_sentences("Open Cards -> Security in the app and freeze the card.", question, security) == []
 
 
+def test_a_whole_reply_without_a_sentence_is_compared_as_it_stands(guard):
+    """ "No." says nothing the passages give; while a reply streams, "Sure!" waits for what follows."""
+    verdict = guard.check("No.", PASSAGES)
+    assert not verdict.supported and verdict.min_similarity is not None
+    assert guard.check("Sure!", PASSAGES, whole=False).supported
+    assert not guard.check("It costs £9!", PASSAGES, whole=False).supported
+    assert not guard.check("A replacement card costs £5.", [passage("Fees")]).supported  # nothing to compare with
+
+
+def test_specifics_read_counts_in_words():
+    assert specifics("Enter the six-digit code.") == specifics("Enter the 6-digit code.") == {"6"}
+
+
+def test_a_hard_wrapped_passage_splits_into_sentences_not_lines(encoder):
+    wrapped = ("If your card hasn't arrived after 10 working\ndays, report it in the app. Before then it is\n"
+               "most likely in the post.\n\n## Fees\nA replacement is free.\n- Express: £5\n- Standard: free")
+    assert sentences(unwrapped(wrapped)) == [
+        "If your card hasn't arrived after 10 working days, report it in the app.",
+        "Before then it is most likely in the post.", "A replacement is free."]
+    opening = [Passage("card-arrival", "Card arrival", "", wrapped, 1.0, opens_article=True)]
+    assert GroundingGuard(encoder.embed).completion_sentences("My card has not come", opening, 1) == [
+        "If your card hasn't arrived after 10 working days, report it in the app."]
+
+
 def test_guard_identity_names_what_changes_a_reply(encoder):
     assert GroundingGuard(encoder.embed, 0.45, 3).identity != GroundingGuard(encoder.embed, 0.45, 0).identity
     assert GroundingGuard(encoder.embed, 0.45, 3).identity != GroundingGuard(encoder.embed, 0.5, 3).identity
@@ -234,6 +280,11 @@ def test_a_draft_that_talks_about_the_customer_instead_of_to_them_ends_there():
     assert off_track(answer + "The card") == (None, len(answer + "The card"))  # it is not
     ours = answer + "The customer service team can also help."
     assert off_track(ours) == (None, len(ours))
+    # streamed a token at a time, "The customer" is held until the next word says which it is
+    assert off_track(answer + "The customer") == (None, len(answer))
+    assert off_track(answer + "The customer ") == (None, len(answer))
+    assert off_track(answer + "The customer service") == (None, len(answer + "The customer service"))
+    assert off_track(answer + "The customer is") == (len(answer), len(answer))
 
 
 def test_nothing_streamed_is_ever_cut_off_by_a_later_stop():

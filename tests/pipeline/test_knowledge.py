@@ -52,6 +52,13 @@ def test_markdown_front_matter_and_common_questions_are_parsed():
     assert one.questions == ["How do I freeze my card?"]
 
 
+def test_a_common_questions_section_ends_at_the_next_heading_and_keeps_its_questions_whole():
+    article = parse_markdown("---\nid: x\n---\nIntro text.\n\n### Common questions\n1. 3D Secure failed?\n"
+                             "* Why was I charged?\n\n### Fees\nA check costs £2.\n", "x.md")
+    assert article.questions == ["3D Secure failed?", "Why was I charged?"]
+    assert "A check costs £2." in article.body and "### Fees" in article.body
+
+
 @pytest.mark.parametrize("text, message", [
     ("no front matter here", "no front matter"),
     ("---\ntitle: x\n---\nbody", "has no 'id'"),
@@ -233,7 +240,7 @@ def test_saves_of_one_folder_at_once_each_complete(tmp_path):
         for _ in range(10):
             try:
                 index.save(tmp_path / "ix")
-            except OSError as exc:
+            except Exception as exc:  # whatever it is, here it fails the test, not just this thread
                 errors.append(exc)
     threads = [threading.Thread(target=save) for _ in range(4)]
     for thread in threads:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..helpers import free_port, wait_until
+from ..helpers import NeverReady, free_port, wait_until
 
 KEY = "test-key-123"
 
@@ -24,17 +24,37 @@ def start_api(log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.
     process = subprocess.Popen([sys.executable, "-m", "services.cli", "api", "--port", str(port)], env=env,
                                cwd=Path(__file__).parents[2], stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "API")
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise NeverReady(f"the API exited with {process.returncode}; see {log}")
+        return httpx.get(f"{url}/healthz").status_code == 200
+
+    try:
+        wait_until(healthy, 60, "API")
+    except BaseException:  # the caller gets no process to stop
+        stop_api(process)
+        raise
     return process, url
+
+
+def stop_api(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:  # stuck in shutdown: it must not outlive the session
+        process.kill()
+        process.wait(10)
 
 
 @pytest.fixture(scope="session")
 def api(workers, tmp_path_factory):
     """The API shared by the API and browser tests."""
     process, url = start_api(tmp_path_factory.mktemp("api") / "api.log")
-    yield url
-    process.terminate()
-    process.wait(20)
+    try:
+        yield url
+    finally:
+        stop_api(process)
 
 
 class OpenAPIDocument:

@@ -94,9 +94,8 @@ def test_the_guards_quoted_answer_replaces_the_rejected_draft_on_the_page(api, b
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    workers.kill("gen")
-    workers.start("gen", env={"TANDEM_GUARD_SECOND_DRAFT": "false"})
     try:
+        workers.restart("gen", env={"TANDEM_GUARD_SECOND_DRAFT": "false"})
         send(browser, api, "I lost my card")
         warning = WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .warn"))
         assert "quoted answer" in warning[0].text
@@ -108,8 +107,7 @@ def test_the_guards_quoted_answer_replaces_the_rejected_draft_on_the_page(api, b
         assert " ".join(shown.split()) == " ".join(answer["reply"].split())
         assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.bot .warn")) == 1
     finally:
-        workers.kill("gen")
-        workers.start("gen")  # the session's worker, for the tests after this one
+        workers.restart("gen")  # the session's worker, for the tests after this one
 
 
 def test_an_error_answer_to_the_events_request_is_shown_on_the_page(workers, browser, tmp_path):
@@ -120,7 +118,7 @@ def test_an_error_answer_to_the_events_request_is_shown_on_the_page(workers, bro
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from .conftest import start_api
+    from .conftest import start_api, stop_api
 
     key = f"page-{tmp_path.name}"  # its own count: the shared key's is far past one
     process, url = start_api(tmp_path / "api.log", {"TANDEM_API_KEYS": json.dumps([key]),
@@ -130,5 +128,4 @@ def test_an_error_answer_to_the_events_request_is_shown_on_the_page(workers, bro
         error = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.bot .error"))
         assert "rate limit" in error[0].text
     finally:
-        process.terminate()
-        process.wait(20)
+        stop_api(process)

@@ -16,8 +16,12 @@ from ..helpers import free_port
 TANDEM = [sys.executable, "-m", "services.cli"]
 
 
-def run(args: list[str], tmp_path: Path, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TANDEM_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+def run(args: list[str], tmp_path: Path, stdin: bytes | None = None, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # A Redis no one listens on: a command that should fail before it connects must not join
+    # the session's Redis (or one on the default port) if it regresses.
+    env = {**os.environ, "TANDEM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TANDEM_DATA_DIR": str(tmp_path / "data"),
+           "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([*TANDEM, *args], capture_output=True, env=env, input=stdin, timeout=timeout,
                           cwd=Path(__file__).parents[2])
 
@@ -137,9 +141,7 @@ def test_ask_with_a_corrupt_index_is_a_clear_error(tmp_path):
     (tmp_path / "ix").mkdir()
     (tmp_path / "ix" / "meta.json").write_text("{}")
     (tmp_path / "ix" / "index.faiss").write_bytes(b"junk")
-    env_run = subprocess.run([*TANDEM, "ask", "hello"], capture_output=True, timeout=300,
-                             env={**os.environ, "TANDEM_INDEX_DIR": str(tmp_path / "ix"), "HF_HUB_OFFLINE": "1"})
-    assert_clean_error(env_run, "corrupt")
+    assert_clean_error(run(["ask", "hello"], tmp_path, env={"TANDEM_INDEX_DIR": str(tmp_path / "ix")}), "corrupt")
 
 
 def test_index_builds_a_corrupt_index_again_from_the_articles(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,33 @@ from pathlib import Path
 import redis
 
 from ..helpers import free_port, wait_until
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """kill -9 on `tandem up` and everything it started. Its redis-server runs in a session of
+    its own, so nothing but this reaches it once `tandem up` is stuck and will not stop it."""
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)  # before the parent dies: they move to init
+    except psutil.NoSuchProcess:
+        children = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    process.kill()
+    psutil.wait_procs(children, timeout=10)
+
+
+def communicate(process: subprocess.Popen, timeout: float) -> str:
+    """The output of a `tandem up` expected to end within ``timeout``; on a timeout its process
+    tree is killed before the test fails, so the run is not left with its workers and Redis."""
+    try:
+        return process.communicate(timeout=timeout)[0].decode()
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        output = process.communicate(timeout=30)[0].decode()
+        raise AssertionError(f"`tandem up` still running after {timeout} s; its output ends:\n{output[-3000:]}") from None
 
 
 def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
@@ -65,7 +93,7 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
         assert any("gen" in c.cmdline() for c in psutil.Process(up.pid).children())
     finally:
         up.send_signal(signal.SIGINT)
-        output = up.communicate(timeout=90)[0].decode()
+        output = communicate(up, timeout=90)
     assert "`tandem worker --queues gen` exited with status -9; starting it again" in output, output[-2000:]
     assert "stopped" in output, output[-2000:]
     assert up.returncode == 0, output[-2000:]
@@ -82,9 +110,9 @@ def test_up_stops_at_once_when_a_worker_cannot_load_its_models(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
     env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(free_port()), HF_HUB_OFFLINE="1",
                TANDEM_API_PORT=str(free_port()), COLUMNS="200", TANDEM_HANDOFF_INTENTS='["compromized_card"]')
-    up = subprocess.run([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
-                        capture_output=True, timeout=240)
-    output = up.stdout.decode() + up.stderr.decode()
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = communicate(up, timeout=240)
     assert up.returncode == 2, output[-3000:]
     assert "unknown intent 'compromized_card' (did you mean 'compromised_card'?)" in output, output[-3000:]
     assert "could not start (its error is above); nothing was restarted" in output, output[-3000:]

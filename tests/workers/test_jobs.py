@@ -12,6 +12,18 @@ from workers.jobs import OPEN_JOBS, JobStore
 
 
 @pytest.fixture
+def redis_client(redis_server):
+    """A database of its own, emptied: the open-jobs set is one key per database, which other
+    tests' jobs and the session API process's own resume loop (database 0) share."""
+    from workers.streams import connect
+
+    client = connect(f"redis://127.0.0.1:{redis_server.port}/8")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
 def store(redis_client, worker_settings):
     return JobStore(redis_client, worker_settings)
 
@@ -35,6 +47,7 @@ def test_orphaned_jobs_are_resumed_and_ended_ones_forgotten(store, redis_client)
     redis_client.sadd(OPEN_JOBS, cancelled)  # as if the cancel had raced a resume
     redis_client.delete(f"tandem:job:{expired}")
     started: list[str] = []
+    # Exactly: this database holds no job but these four.
     assert store.resume_orphans(started.append) == started == [orphan]
     open_jobs = redis_client.smembers(OPEN_JOBS)
     assert {orphan, driven} <= open_jobs and not {cancelled, expired} & open_jobs

@@ -21,6 +21,8 @@ from workers.streams import (
     stream_reply,
 )
 
+from ..helpers import wait_until
+
 
 def test_cache_key_depends_on_message_intent_index_and_responder():
     base = ReplyCache.key("How do I top up?", "top_up", "v1", "llama")
@@ -202,18 +204,27 @@ def unwatched_client(redis_server):
     return connect(f"redis://127.0.0.1:{redis_server.port}/7")
 
 
+def lapse(client, key: str) -> None:
+    """End a lease now, as its running out would: the leases here last a minute, so that no
+    pause of a loaded machine lets one lapse before the test says so."""
+    client.pexpire(key, 1)
+    wait_until(lambda: not client.exists(key), 10, f"{key} lapsing")
+
+
 def test_a_reply_whose_lease_lapses_is_handed_over_once_and_one_that_ended_is_dropped(unwatched_client):
     client = unwatched_client
-    leases = ReplyLeases(client, lease_s=0.3, ttl_s=60, takeover_s=60)
+    leases = ReplyLeases(client, lease_s=60, ttl_s=60, takeover_s=60)
     alive, dead, ended = (f"{name}{time.time_ns()}" for name in ("alive", "dead", "ended"))
     leases.hold({reply_id: {"reply_id": reply_id, "understanding": {"message": "hi"}} for reply_id in (alive, dead, ended)})
     ReplyStream(client, dead, ttl_s=60).publish("meta", {})
     ReplyStream(client, ended, ttl_s=60).publish("done", {})
     assert leases.orphans() == []  # every lease is fresh
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        leases.hold({alive: {"reply_id": alive, "understanding": {"message": "hi"}}})
-        time.sleep(0.05)
+    assert 0 < client.pttl(f"tandem:reply:{dead}:lease") <= 60_000, "a lease runs out unless renewed"
+    for reply_id in (dead, ended):  # their workers stopped renewing
+        lapse(client, f"tandem:reply:{reply_id}:lease")
+    client.pexpire(f"tandem:reply:{alive}:lease", 1000)  # most of its lease gone by ...
+    leases.hold({alive: {"reply_id": alive, "understanding": {"message": "hi"}}})
+    assert client.pttl(f"tandem:reply:{alive}:lease") > 1000, "... and renewed"
     orphans = leases.orphans()
     assert [reply_id for reply_id, _ in orphans] == [dead]
     assert orphans[0][1] == {"reply_id": dead, "understanding": {"message": "hi"}}
@@ -231,7 +242,7 @@ def test_a_live_lease_turns_away_another_owner_until_it_lapses(unwatched_client)
     lease must not take the reply over; once the lease lapses, it may, and the first worker
     (stalled, not dead) does not take it back."""
     client = unwatched_client
-    first, second = (ReplyLeases(client, lease_s=0.3, ttl_s=60, takeover_s=60, owner=name) for name in ("a:1", "b:2"))
+    first, second = (ReplyLeases(client, lease_s=60, ttl_s=60, takeover_s=60, owner=name) for name in ("a:1", "b:2"))
     reply_id = f"owned{time.time_ns()}"
     task = {"reply_id": reply_id, "understanding": {"message": "hi"}}
     assert first.hold({reply_id: task}) == set()
@@ -240,7 +251,7 @@ def test_a_live_lease_turns_away_another_owner_until_it_lapses(unwatched_client)
     assert client.get(f"tandem:reply:{reply_id}:lease") == "a:1"
     assert json.loads(client.get(f"tandem:reply:{reply_id}:task")) == task
     assert client.sismember("tandem:replies:writing", reply_id)
-    time.sleep(0.4)
+    lapse(client, f"tandem:reply:{reply_id}:lease")
     assert second.hold({reply_id: task}) == set(), "a lapsed lease is anyone's"
     assert first.hold({reply_id: task}) == {reply_id}
     first.release(reply_id)
@@ -251,15 +262,16 @@ def test_a_live_lease_turns_away_another_owner_until_it_lapses(unwatched_client)
 
 def test_a_lease_has_one_holder_until_it_is_released_or_lapses(client):
     key = f"tandem:test:lease:{time.time_ns()}"
-    first, second = Lease(client, key, 0.3), Lease(client, key, 0.3)
+    first, second = Lease(client, key, 60), Lease(client, key, 60)
     assert first.take() and not second.take()
+    assert 0 < client.pttl(key) <= 60_000, "a lease runs out unless renewed"
     second.release()  # not the holder: leaves the lease alone
     assert client.exists(key) and not second.renew()
-    time.sleep(0.2)
+    client.pexpire(key, 1000)  # most of the lease gone by
     assert first.renew()
-    time.sleep(0.2)
-    assert not second.take(), "renewed, so still held past the first 0.3 s"
-    time.sleep(0.4)
-    assert not client.exists(key) and second.take(), "lapsed without renewal"
+    assert client.pttl(key) > 1000, "renewed for a whole lease"
+    assert not second.take(), "renewed, so still held"
+    lapse(client, key)
+    assert second.take(), "lapsed without renewal"
     second.release()
     assert not client.exists(key)

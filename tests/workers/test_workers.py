@@ -118,18 +118,15 @@ def test_a_reply_whose_worker_died_is_taken_over_long_before_the_visibility_time
     to another only after five minutes, far past the API's two-minute wait. The reply's lapsed
     lease has the next gen worker queue it again at once: the stream goes on where it stopped."""
     slow_redelivery = {"TANDEM_VISIBILITY_TIMEOUT_S": "300", "TANDEM_REPLY_LEASE_S": "3"}
-    for queue in ("nlu", "gen"):  # any consumer restores unacknowledged tasks: all must wait 300 s
-        workers.kill(queue)
-        workers.start(queue, env=slow_redelivery)
     try:
+        for queue in ("nlu", "gen"):  # any consumer restores unacknowledged tasks: all must wait 300 s
+            workers.restart(queue, env=slow_redelivery)
         events, _, seconds = kill_gen_mid_reply(workers, redis_client, "How do I change my PIN?", env=slow_redelivery)
         assert seconds < 200, "resumed by the visibility timeout, not the lease"
         assert not redis_client.sismember("tandem:replies:writing", events[-1][2]["reply_id"])
     finally:
         for queue in ("nlu", "gen"):  # the session's workers, for the tests after this one
-            if queue in workers.processes:
-                workers.kill(queue)
-            workers.start(queue)
+            workers.restart(queue)
 
 
 def kill_gen_mid_reply(workers, redis_client, message: str, env: dict[str, str] | None = None):
@@ -144,8 +141,11 @@ def kill_gen_mid_reply(workers, redis_client, message: str, env: dict[str, str] 
             break
     workers.kill("gen")
     killed_at = time.monotonic()
-    assert redis_client.xrevrange(STREAM_KEY.format(reply_id), count=1)[0][1]["event"] == "token", "killed mid-reply"
-    workers.start("gen", env=env)
+    try:
+        last = redis_client.xrevrange(STREAM_KEY.format(reply_id), count=1)[0][1]["event"]
+    finally:  # whatever the stream holds, the tests after this one need a gen worker
+        workers.start("gen", env=env)
+    assert last == "token", "killed mid-reply"
     events = events_of(redis_client, reply_id)
     seconds = time.monotonic() - killed_at
     kinds = [kind for _, kind, _ in events]
@@ -540,9 +540,8 @@ def test_a_chat_does_not_wait_for_the_draft_chunk_a_solo_gen_worker_is_on(worker
     from workers.tasks import draft_batch, understand_batch
 
     assert worker_settings.batch_priority == 9
-    workers.kill("gen")
-    workers.start("gen", env={"TANDEM_GEN_POOL": "solo"})
     try:
+        workers.restart("gen", env={"TANDEM_GEN_POOL": "solo"})
         tickets = [{"id": str(i), "text": f"How do I top up my account by bank transfer? ({i})"} for i in range(12)]
         job = chain(understand_batch.s(tickets).set(priority=9), draft_batch.s().set(priority=9)).apply_async()
         wait_until(lambda: job.parent.ready() and queued_tasks(redis_client, "gen") == 0 and job.id in tasks_in_broker(),
@@ -553,8 +552,7 @@ def test_a_chat_does_not_wait_for_the_draft_chunk_a_solo_gen_worker_is_on(worker
         chunk_finished_first = job.ready()
         rows = job.get(timeout=300)
     finally:
-        workers.kill("gen")
-        workers.start("gen")  # the session's threads-pool worker, for the tests after this one
+        workers.restart("gen")  # the session's threads-pool worker, for the tests after this one
     assert first == "token"
     assert not chunk_finished_first, "the chat waited for the whole draft chunk"
     assert [row["id"] for row in rows] == [t["id"] for t in tickets]
@@ -611,21 +609,25 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
     wait_until(lambda: workers_idle(redis_client) and (time.sleep(1) or workers_idle(redis_client)), 600,
                "the workers idle")
     workers.kill("nlu")  # the job's 40 chunks and the chat both wait for the next nlu worker
-    tickets = [{"id": str(i), "text": f"Where is the card I ordered last week? ({i})"} for i in range(1000)]
-    progress_key = "tandem:test:priority:progress"
-    chunks = length_sorted_chunks(tickets, 25)
-    thread, box = run_in_thread(lambda: [row for rows in process_chunks(chunks, False, progress_key,
-                                                                        priority=worker_settings.batch_priority,
-                                                                        in_flight=len(chunks))
-                                         for row in rows])
-    wait_until(lambda: queued_tasks(redis_client, "nlu") == len(chunks), 30, "the job queued")
-    reply_id = submit_message("I lost my card", use_cache=False)
-    workers.start("nlu", wait=False)
-    # The counter only grows: read just after the reply's first event, it bounds what was done before.
-    wait_until(lambda: redis_client.xlen(STREAM_KEY.format(reply_id)) > 0, 180, "the chat's reply")
-    done_first = int(redis_client.get(progress_key) or 0)
-    thread.join(120)
-    workers.wait_ready("nlu")
+    try:
+        tickets = [{"id": str(i), "text": f"Where is the card I ordered last week? ({i})"} for i in range(1000)]
+        progress_key = "tandem:test:priority:progress"
+        chunks = length_sorted_chunks(tickets, 25)
+        thread, box = run_in_thread(lambda: [row for rows in process_chunks(chunks, False, progress_key,
+                                                                            priority=worker_settings.batch_priority,
+                                                                            in_flight=len(chunks))
+                                             for row in rows])
+        wait_until(lambda: queued_tasks(redis_client, "nlu") == len(chunks), 30, "the job queued")
+        reply_id = submit_message("I lost my card", use_cache=False)
+    finally:  # once the chat is queued; on a failure before, still, for the tests after this one
+        workers.start("nlu", wait=False)
+    try:
+        # The counter only grows: read just after the reply's first event, it bounds what was done before.
+        wait_until(lambda: redis_client.xlen(STREAM_KEY.format(reply_id)) > 0, 180, "the chat's reply")
+        done_first = int(redis_client.get(progress_key) or 0)
+        thread.join(120)
+    finally:
+        workers.wait_ready("nlu")
     assert "error" not in box, box.get("error")
     assert sorted(int(row["id"]) for row in box["result"]) == list(range(1000))
     assert done_first <= 3 * 25, f"{done_first} of 1000 tickets were done before the chat was answered"
