@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install browser run test fuzz lint bench
+.PHONY: install browser run test test-long fuzz lint bench
 install: $(VENV)/.installed
 
 # Debian's Chromium and its driver, for the chat page's browser test (needs root, as CI has).
@@ -27,6 +27,10 @@ test: install browser
 
 fuzz: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m fuzz
+
+# The integration tests `make test` leaves out for time (marker `long`, about 8 minutes on 2 AVX2 cores).
+test-long: install browser
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m long
 
 lint: install
 	$(VENV)/bin/ruff check .

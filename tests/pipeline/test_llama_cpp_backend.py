@@ -329,6 +329,7 @@ def test_each_step_feeds_the_lowest_slots_in_increasing_order(settings, monkeypa
     assert all(ids == sorted(ids) for ids in decoding), [d for d in decoding if d != sorted(d)]
 
 
+@pytest.mark.long
 def test_a_chat_admitted_among_prefilling_drafts_gets_its_prompt_chunk_first(settings, monkeypatch):
     """Drafts admitted earlier, still prefilling long prompts, would fill each step's budget in
     slot order for several steps; a chat that joins them is fed in its first step all the same."""

@@ -160,6 +160,7 @@ def test_index_builds_a_corrupt_index_again_from_the_articles(tmp_path):
     assert json.loads((tmp_path / "ix" / "meta.json").read_text())["articles"][0]["id"] == "a"
 
 
+@pytest.mark.long
 def test_index_serves_a_pipeline_whose_intent_model_tuned_the_encoder(tmp_path, settings):
     """A fine-tuned intent model carries its own encoder weights, and the pipeline embeds with
     them: `tandem index` embedded with the base encoder, and the pipeline refused its index."""

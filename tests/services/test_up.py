@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from ..helpers import free_port, wait_until
@@ -105,6 +106,7 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
         pass
 
 
+@pytest.mark.long
 def test_up_stops_at_once_when_a_worker_cannot_load_its_models(tmp_path):
     """A setting that stops a worker at start is not fixed by starting it again (exit status 2)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}

@@ -360,6 +360,7 @@ def test_a_rerun_reuses_only_rows_that_answer_the_same_tickets_as_asked(workers,
         run_batch(tickets, tmp_path)
 
 
+@pytest.mark.long
 def test_a_draft_chunk_that_outlasts_the_visibility_timeout_is_drafted_once(workers, worker_settings, redis_client):
     """kombu hands a task out again once it has gone unacknowledged for the visibility timeout
     (5 s for these workers, 300 s shipped, which a chunk waiting behind others at a busy worker's
@@ -398,6 +399,7 @@ def test_a_draft_chunk_that_outlasts_the_visibility_timeout_is_drafted_once(work
     assert int(redis_client.get(progress_key)) == 2 * len(tickets), "the chunk was drafted more than once"
 
 
+@pytest.mark.long
 def test_workers_serve_the_help_centre_that_tandem_index_saved_without_a_restart(workers, worker_settings,
                                                                                 redis_client, tmp_path):
     """A team edits its help centre and runs `tandem index` on the folder the workers serve: both
@@ -530,6 +532,7 @@ def test_a_redis_that_comes_back_empty_mid_batch_loses_no_ticket(workers, tmp_pa
     assert "gone from the broker" in caplog.text
 
 
+@pytest.mark.long
 def test_a_chat_does_not_wait_for_the_draft_chunk_a_solo_gen_worker_is_on(workers, worker_settings, redis_client):
     """A solo gen worker runs one task at a time. A chat sent while it drafts a job's chunk gets
     its first token before that chunk is finished: the task starts no more drafts and hands the
@@ -561,6 +564,7 @@ def test_a_chat_does_not_wait_for_the_draft_chunk_a_solo_gen_worker_is_on(worker
     assert "drafts handed back behind it" in log
 
 
+@pytest.mark.long
 def test_a_chat_gets_a_thread_while_a_job_holds_every_thread_of_the_gen_worker(workers, worker_settings, redis_client):
     """The threads pool runs a task per reply slot (4 here), and a job of more draft chunks than
     that takes them all. A chat sent then must not wait for a whole chunk: chunks whose drafts
