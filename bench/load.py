@@ -134,6 +134,7 @@ async def run(args) -> None:
     ok = [r for r in results if "error" not in r]
     ttft = sorted(r["ttft_ms"] for r in ok if r["ttft_ms"] is not None)
 
+    gen_pool = None if args.url else Settings().gen_pool  # the pool `tandem up` started with; a --url server's own
     save(args.out, {
         "clients": args.clients, "seconds": args.seconds, "wall_seconds": round(elapsed, 1),
         "chats": len(results), "errors": len(results) - len(ok),
@@ -143,13 +144,10 @@ async def run(args) -> None:
         "chunks_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 1),
         "chat_seconds_p50": round(statistics.median(r["seconds"] for r in ok), 1) if ok else None,
         "memory_samples": memory[:: max(1, len(memory) // 6)] + memory[-1:],
-        # The pool `tandem up` was started with (its settings come from this environment); unknown
-        # for a server at --url.
-        "gen_pool": None if args.url else Settings().gen_pool,
+        "gen_pool": gen_pool,
         "note": {None: "the gen worker's pool is the server's own",
                  "threads": "the gen worker's thread pool hands concurrent chats to the batcher together",
-                 "solo": "the solo gen worker takes one chat at a time (the threads pool batches them)"}[
-                     None if args.url else Settings().gen_pool],
+                 "solo": "the solo gen worker takes one chat at a time (the threads pool batches them)"}[gen_pool],
     })
 
 
