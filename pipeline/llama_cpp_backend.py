@@ -142,7 +142,9 @@ class _Reply:
     stop: list[str]
     timeout_s: float
     priority: int = 0
-    deadline: float = float("inf")  # timeout_s from admission: waiting for a slot is not generating
+    # timeout_s after admission, then after each token: waiting for a slot is not generating, and
+    # a reply that keeps streaming on a loaded machine is slow, not stalled
+    deadline: float = float("inf")
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     slot: int = -1
@@ -281,7 +283,7 @@ class LlamaCppBackend:
                 except queue.Empty:
                     if reply.slot < 0:  # still waiting for a slot (behind other replies): the limit starts then
                         continue
-                    raise ResponderError(f"generation timed out after {timeout:.0f} s") from None
+                    raise ResponderError(f"generation timed out: no new token for {timeout:.0f} s") from None
                 if item is _DONE:
                     return
                 if isinstance(item, Exception):
@@ -404,7 +406,7 @@ class LlamaCppBackend:
             if reply.cancelled:
                 self._finish(reply, None)
             elif now > reply.deadline:
-                self._finish(reply, ResponderError("generation timed out"))
+                self._finish(reply, ResponderError(f"generation timed out: no new token for {reply.timeout_s:.0f} s"))
         batch = self._batch
         batch.n_tokens = 0
         sampled: list[tuple[_Reply, int]] = []
@@ -446,6 +448,7 @@ class LlamaCppBackend:
             return self._finish(reply, None)
         reply.next_token = token
         reply.n_generated += 1
+        reply.deadline = time.monotonic() + reply.timeout_s
         self.tokens_generated += 1
         n = self._llama.llama_token_to_piece(self._model.vocab, token, self._piece, len(self._piece), 0, False)
         reply.text += reply.decoder.decode(self._piece.raw[:max(n, 0)])

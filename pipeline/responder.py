@@ -37,6 +37,9 @@ class GenerationLimits:
     max_tokens: int = 120
     temperature: float = 0.0
     stop: list[str] = field(default_factory=list)
+    # The longest a reply may go without a new token (the first one: without its prompt read). Not
+    # a limit on the whole reply, which max_tokens bounds: 16 replies decoding together on 2
+    # slow cores stream about 2 tokens/s each, and a reply cut at a fixed time was lost whole.
     timeout_s: float = 60.0
     repeat_penalty: float = 1.0  # settings.repeat_penalty says why 1.0
     # llama_cpp: replies waiting for a slot are admitted lowest first, then in arrival order, so a
@@ -104,7 +107,7 @@ class TransformersBackend:
         sampling = {"do_sample": True, "temperature": limits.temperature} if limits.temperature > 0 else {"do_sample": False}
         # No repetition_penalty here: transformers applies it to the prompt's tokens too, which
         # stops the model from copying the article's facts (measured: key-fact recall fell to 6%).
-        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=limits.max_tokens, max_time=limits.timeout_s,
+        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=limits.max_tokens,
                       pad_token_id=self._tokenizer.eos_token_id, **sampling)
         if limits.stop:
             kwargs.update(stop_strings=limits.stop, tokenizer=self._tokenizer)
@@ -133,7 +136,7 @@ class TransformersBackend:
                     break
                 yield piece
         except Exception as exc:  # queue.Empty from the streamer's timeout
-            raise ResponderError(f"generation timed out after {limits.timeout_s:.0f} s") from exc
+            raise ResponderError(f"generation timed out: no new token for {limits.timeout_s:.0f} s") from exc
         finally:
             closed.set()
         thread.join()
@@ -175,7 +178,7 @@ class OpenAICompatibleBackend:
         if limits.stop:
             body["stop"] = limits.stop[:4]  # the OpenAI API accepts at most four
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        deadline = time.monotonic() + limits.timeout_s
+        deadline = time.monotonic() + limits.timeout_s  # pushed on by each token, not by keep-alive lines
         try:
             with httpx.stream("POST", f"{self.base_url}/chat/completions", json=body, headers=headers,
                               timeout=httpx.Timeout(limits.timeout_s, connect=10.0)) as response:
@@ -188,7 +191,7 @@ class OpenAICompatibleBackend:
                 finished = False
                 for line in response.iter_lines():
                     if time.monotonic() > deadline:
-                        raise ResponderError(f"generation timed out after {limits.timeout_s:.0f} s")
+                        raise ResponderError(f"generation timed out: no new token for {limits.timeout_s:.0f} s")
                     if line.startswith(("event: error", "error:")):
                         raise ResponderError(f"{self.base_url} failed mid-stream: {line[:300]}")
                     if not line.startswith("data:"):
@@ -200,10 +203,13 @@ class OpenAICompatibleBackend:
                     text, ended = self._read_event(data)
                     finished |= ended
                     if text:
+                        deadline = time.monotonic() + limits.timeout_s
                         yield text
                 if not finished:
                     raise ResponderError(f"{self.base_url} ended the stream before the reply (no [DONE] or "
                                          "finish_reason)")
+        except httpx.ReadTimeout:  # nothing at all, not even a keep-alive line, for timeout_s
+            raise ResponderError(f"generation timed out: no new token for {limits.timeout_s:.0f} s") from None
         except httpx.HTTPError as exc:
             raise ResponderError(f"cannot reach the generation server at {self.base_url}: {exc}") from None
 

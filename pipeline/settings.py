@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     # an unsupported number (bundled SmolLM2 as its Q8_0 copy, 2026-11-22; 1.1 fell between).
     repeat_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
     stop: list[str] = ["\nCustomer:", "\n\n\n"]
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # without a new token; GenerationLimits says why not the whole reply
     max_passages_in_prompt: int = 1
 
     # Guard

@@ -362,7 +362,7 @@ def api(
 @friendly
 def up() -> None:
     """Start everything on this machine: an embedded Redis (unless TANDEM_REDIS_URL is set), a
-    worker per queue and the HTTP API; one that dies is started again. Ctrl-C stops them all."""
+    worker per queue and the HTTP API; one that dies (Redis too) is started again. Ctrl-C stops them all."""
     import signal
     import subprocess
     import time
@@ -408,6 +408,18 @@ def up() -> None:
     try:
         while not stopping and given_up is None:
             time.sleep(0.5)
+            if server and server.process.poll() is not None:
+                # The embedded Redis too: broker, results and reply streams all stop with it, and
+                # the workers and API only reconnect. It comes back on the same port from its
+                # append-only file, with the queued tasks and streams it had written.
+                code = server.process.returncode
+                recent = [t for t in restarts.get(-1, []) if time.monotonic() - t < _RESTART_WINDOW_S]
+                if len(recent) >= _RESTARTS_PER_WINDOW:
+                    given_up = ("redis-server", code)
+                    break
+                err.print(f"the embedded redis-server exited with status {code}; starting it again")
+                server.start()
+                restarts[-1] = [*recent, time.monotonic()]
             for i, child in enumerate(children):
                 if stopping or child.poll() is None:
                     continue
@@ -434,10 +446,14 @@ def up() -> None:
             server.stop()
         err.print("stopped")
     if given_up:
-        if given_up[1] == 2:
-            raise TandemError(f"`tandem {given_up[0]}` could not start (its error is above); nothing was restarted")
-        raise TandemError(f"`tandem {given_up[0]}` exited {_RESTARTS_PER_WINDOW + 1} times within "
-                          f"{_RESTART_WINDOW_S} s (last status {given_up[1]}); see its output above")
+        name, status = given_up
+        if name == "redis-server":
+            raise TandemError(f"the embedded redis-server exited {_RESTARTS_PER_WINDOW + 1} times within "
+                              f"{_RESTART_WINDOW_S} s (last status {status}); see {server.directory / 'redis.log'}")
+        if status == 2:
+            raise TandemError(f"`tandem {name}` could not start (its error is above); nothing was restarted")
+        raise TandemError(f"`tandem {name}` exited {_RESTARTS_PER_WINDOW + 1} times within "
+                          f"{_RESTART_WINDOW_S} s (last status {status}); see its output above")
 
 
 _RESTARTS_PER_WINDOW = 3  # `tandem up` starts a child that died again at most this often a minute

@@ -209,6 +209,26 @@ def test_the_timeout_fails_only_the_late_reply(engine, solo):
     assert isinstance(box["error"], ResponderError) and "timed out" in str(box["error"]), box["error"]
 
 
+def test_the_time_limit_is_per_token_not_per_reply(engine, solo, monkeypatch):
+    """A reply that keeps streaming is slow, not stalled: here each token takes 4 s of the
+    scheduler's clock, so the reply takes far past its 10 s limit, and must still end whole."""
+    import pipeline.llama_cpp_backend as backend
+
+    now = [time.monotonic()]
+    monkeypatch.setattr(backend, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    emit = engine._emit
+
+    def slow_emit(reply, token) -> None:
+        now[0] += 4
+        emit(reply, token)
+
+    monkeypatch.setattr(engine, "_emit", slow_emit)
+    started = now[0]
+    reply = "".join(engine.stream(PROMPTS[1], GenerationLimits(max_tokens=24, temperature=0.0, timeout_s=10)))
+    assert now[0] - started > 10, "the reply must outlast its limit for this test to show anything"
+    assert _same_replies([reply], solo[1:2])
+
+
 def test_the_time_limit_runs_from_admission_not_from_the_wait_for_a_slot(engine, monkeypatch):
     """A reply queued behind others (a batch job's drafts fill the slots) longer than its time
     limit still gets its full limit to generate once it has a slot."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -124,7 +125,7 @@ def scripted_server():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    script: list[str] = []
+    script: list[str | float] = []  # a float: pause this many seconds
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
@@ -133,7 +134,11 @@ def scripted_server():
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             for line in script:
+                if isinstance(line, float):
+                    time.sleep(line)
+                    continue
                 self.wfile.write(f"{line}\n\n".encode())
+                self.wfile.flush()
             self.close_connection = True
 
         def log_message(self, *args):
@@ -169,6 +174,26 @@ def test_openai_backend_ends_on_a_finish_reason_or_done(scripted_server):
     url, script = scripted_server
     script[:] = [chunk("Your card "), chunk("arrives in 3 days.", finish="stop")]  # no [DONE]
     assert list(OpenAICompatibleBackend(url, model="x").stream(MESSAGES, LIMITS)) == ["Your card ", "arrives in 3 days."]
+
+
+def test_openai_timeout_limits_the_time_without_a_token_not_the_whole_reply(scripted_server):
+    url, script = scripted_server
+    script[:] = [x for i in range(12) for x in (0.25, chunk(f"{i} "))] + ["data: [DONE]"]  # 3 s in all
+    limits = GenerationLimits(max_tokens=24, timeout_s=2.0)
+    assert "".join(OpenAICompatibleBackend(url, model="x").stream(MESSAGES, limits)).split() == [str(i) for i in range(12)]
+
+
+@pytest.mark.parametrize("stall", [
+    [0.25, ": keep-alive"] * 12,  # a server that is up but produces nothing
+    [3.0],  # or sends nothing at all
+], ids=["keep-alive lines", "silence"])
+def test_openai_timeout_fails_a_stalled_server(scripted_server, stall):
+    url, script = scripted_server
+    script[:] = [chunk("Your card "), *stall, chunk("arrives."), "data: [DONE]"]
+    pieces: list[str] = []
+    with pytest.raises(ResponderError, match="no new token for 1 s"):
+        pieces.extend(OpenAICompatibleBackend(url, model="x").stream(MESSAGES, GenerationLimits(timeout_s=1.0)))
+    assert pieces == ["Your card "]
 
 
 @pytest.mark.slow

@@ -92,10 +92,23 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
         assert again.model_extra["tandem"]["intent"] == "lost_or_stolen_card"
         assert again.choices[0].message.content.strip()
         assert any("gen" in c.cmdline() for c in psutil.Process(up.pid).children())
+
+        # kill -9 on the embedded redis-server: `tandem up` starts it again on its port, the
+        # workers and the API reconnect, and a chat is answered as before.
+        server = next(c for c in psutil.Process(up.pid).children() if c.name() == "redis-server")
+        server.kill()
+        server.wait(10)
+        wait_until(lambda: any(c.name() == "redis-server" and c.pid != server.pid
+                               for c in psutil.Process(up.pid).children()), 30, "redis-server started again")
+        wait_until(lambda: redis.Redis.from_url(url).ping(), 30, "the embedded redis answering again")
+        after = openai.chat.completions.create(model="tandem", messages=[{"role": "user", "content": "I lost my card"}])
+        assert after.model_extra["tandem"]["intent"] == "lost_or_stolen_card"
+        assert after.choices[0].message.content.strip()
     finally:
         up.send_signal(signal.SIGINT)
         output = communicate(up, timeout=90)
     assert "`tandem worker --queues gen` exited with status -9; starting it again" in output, output[-2000:]
+    assert "the embedded redis-server exited with status -9; starting it again" in output, output[-2000:]
     assert "stopped" in output, output[-2000:]
     assert up.returncode == 0, output[-2000:]
     time.sleep(0.5)
