@@ -22,6 +22,7 @@ The artifact is a folder of JSON and numpy/safetensors files, never pickles.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,6 +38,8 @@ from scipy.sparse import csr_matrix
 
 from pipeline.encoder import SentenceEncoder
 from pipeline.errors import InputError, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = 1
 _WORD_CACHE_SIZE = 100_000  # words whose character n-grams LexicalModel keeps
@@ -166,6 +169,12 @@ class LexicalModel:
                        arrays["weight"].astype(np.float32), arrays["bias"])
 
 
+def _retired_copies(directory: Path) -> list[Path]:
+    """Models ``IntentClassifier.save`` moved aside to put a new one at ``directory``, newest first."""
+    found = [p for p in directory.parent.glob(f".{directory.name}.*.old") if (p / "config.json").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 @dataclass
 class IntentClassifier:
     labels: list[str]
@@ -241,7 +250,8 @@ class IntentClassifier:
                 shutil.rmtree(retired, ignore_errors=True)
                 os.replace(directory, retired)
             os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
+            for left in _retired_copies(directory):  # this save's, and any a crashed one left (see load)
+                shutil.rmtree(left, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.path = directory
@@ -266,6 +276,12 @@ class IntentClassifier:
     @classmethod
     def load(cls, directory: Path) -> IntentClassifier:
         directory = Path(directory)
+        if not directory.exists() and (kept := _retired_copies(directory)):
+            # A save that stopped between its two renames (killed, power cut) left no folder here
+            # and the model it was replacing whole beside it; serve that until a save succeeds.
+            log.warning("no intent model at %s: a save was cut short; loading the model it replaced from %s",
+                        directory, kept[0])
+            directory = kept[0]
         if not (directory / "config.json").is_file():
             raise ModelLoadError(f"no intent model at {directory} (config.json missing); "
                                  f"train one with: tandem train-intents TRAIN.csv --out {directory}")

@@ -203,6 +203,22 @@ def test_a_save_cut_short_leaves_the_model_that_was_there(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
 
 
+def test_a_save_stopped_between_its_renames_serves_the_model_it_replaced(tmp_path, caplog):
+    import os
+    import shutil
+
+    served = tmp_path / "served"
+    shutil.copytree(Settings().resolved_intent_model, served)
+    os.replace(served, tmp_path / ".served.4242.old")  # killed after moving the old model aside
+    assert len(IntentClassifier.load(served).labels) == 77
+    assert "a save was cut short" in caplog.text
+    model = IntentClassifier.load(tmp_path / ".served.4242.old")
+    model.save(served)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"], "the next save clears what the cut one left"
+    with pytest.raises(ModelLoadError, match="no intent model"):
+        IntentClassifier.load(tmp_path / "other")
+
+
 def test_shipped_model_is_the_banking77_default():
     model = IntentClassifier.load(Settings().resolved_intent_model)
     assert len(model.labels) == 77
