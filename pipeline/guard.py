@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.encoder import VectorCache
-from pipeline.knowledge import Passage
+from pipeline.knowledge import LIST_MARK, Passage
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -52,7 +52,6 @@ _ALREADY_SAID = 0.8
 # of the grounding set's llama_cpp first drafts (2026-12-01), the 8 that this or an exact repeat
 # cuts were all loops, none two different facts.
 _LOOP_WORDS = 8
-_LIST_MARK = re.compile(r"^(?:[-*•]|\d+[.)])\s+")
 # A reply speaks to the customer. A small model at times narrates instead ("The customer is asking
 # about a lost card.", "The user should..."), and what follows is no longer an answer.
 _NARRATION_OPENINGS = ("the customer", "the user")
@@ -171,11 +170,11 @@ def lead(passage: Passage) -> str:
     if not passage.opens_article:
         return ""
     first = unwrapped(re.split(r"\n\s*\n", passage.text.strip(), maxsplit=1)[0])
-    return "" if first.startswith("#") or _LIST_MARK.match(first) else first
+    return "" if first.startswith("#") or LIST_MARK.match(first) else first
 
 
 def _normalised(sentence: str) -> str:
-    return " ".join(_LIST_MARK.sub("", sentence.strip()).lower().split()).rstrip(".!?:;,")
+    return " ".join(LIST_MARK.sub("", sentence.strip()).lower().split()).rstrip(".!?:;,")
 
 
 def off_track(draft: str) -> tuple[int | None, int]:

@@ -35,6 +35,8 @@ from pipeline.errors import IndexLoadError, InputError
 Embed = Callable[[list[str]], np.ndarray]
 
 INDEX_FORMAT = 1
+# A Markdown list item's mark ("- ", "* ", "• ", "1. ", "2) "); the guard reads sentences without it too.
+LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _QUESTIONS_HEADING = re.compile(r"^##+\s*(common questions|you might be asking|related questions)\s*$",
                                 re.IGNORECASE | re.MULTILINE)
 
@@ -82,7 +84,7 @@ def _split_questions(body: str) -> tuple[str, list[str]]:
     section = rest[: next_heading.start()] if next_heading else rest
     after = rest[next_heading.start():] if next_heading else ""
     # Only a list mark goes: stripping digits as well turned "3D Secure failed?" into "D Secure failed?".
-    questions = [re.sub(r"^\s*(?:[-*•]|\d+[.)])\s+", "", line).strip() for line in section.splitlines()]
+    questions = [LIST_MARK.sub("", line).strip() for line in section.splitlines()]
     return (body[: match.start()] + after).strip(), [q for q in questions if q]
 
 
