@@ -41,6 +41,7 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate([
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])} | {
     w: str(30 + 10 * i) for i, w in enumerate(["thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"])}
 _COUNT = r"\d+(?:[.,]\d+)*|" + "|".join(_NUMBER_WORDS)
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
 _DURATION = re.compile(rf"\b({_COUNT})(?:\s*(?:–|—|-|to)\s*({_COUNT}))?[\s-]*"
                        r"(?:working |business |calendar )?(minute|hour|day|week|month|year)s?\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -128,8 +129,7 @@ def specifics(text: str) -> set[str]:
     """What a customer acts on: the numbers (in digits or words: "six-digit" gives "6"), and each
     step of an app path ("Cards → Security" -> "cards→security")."""
     steps = {f"{a}→{b}".lower().replace("’", "'") for a, b in _APP_PATH_STEP.findall(text)}
-    words = re.sub(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1).lower()], text,
-                   flags=re.IGNORECASE)
+    words = _NUMBER_WORD.sub(lambda m: _NUMBER_WORDS[m.group(1).lower()], text)
     return numbers_in(words) | steps
 
 

@@ -283,7 +283,7 @@ class LlamaCppBackend:
                 except queue.Empty:
                     if reply.slot < 0:  # still waiting for a slot (behind other replies): the limit starts then
                         continue
-                    raise ResponderError(f"generation timed out: no new token for {timeout:.0f} s") from None
+                    raise ResponderError.timed_out(timeout) from None
                 if item is _DONE:
                     return
                 if isinstance(item, Exception):
@@ -406,7 +406,7 @@ class LlamaCppBackend:
             if reply.cancelled:
                 self._finish(reply, None)
             elif now > reply.deadline:
-                self._finish(reply, ResponderError(f"generation timed out: no new token for {reply.timeout_s:.0f} s"))
+                self._finish(reply, ResponderError.timed_out(reply.timeout_s))
         batch = self._batch
         batch.n_tokens = 0
         sampled: list[tuple[_Reply, int]] = []

@@ -136,7 +136,7 @@ class TransformersBackend:
                     break
                 yield piece
         except Exception as exc:  # queue.Empty from the streamer's timeout
-            raise ResponderError(f"generation timed out: no new token for {limits.timeout_s:.0f} s") from exc
+            raise ResponderError.timed_out(limits.timeout_s) from exc
         finally:
             closed.set()
         thread.join()
@@ -191,7 +191,7 @@ class OpenAICompatibleBackend:
                 finished = False
                 for line in response.iter_lines():
                     if time.monotonic() > deadline:
-                        raise ResponderError(f"generation timed out: no new token for {limits.timeout_s:.0f} s")
+                        raise ResponderError.timed_out(limits.timeout_s)
                     if line.startswith(("event: error", "error:")):
                         raise ResponderError(f"{self.base_url} failed mid-stream: {line[:300]}")
                     if not line.startswith("data:"):
@@ -209,7 +209,7 @@ class OpenAICompatibleBackend:
                     raise ResponderError(f"{self.base_url} ended the stream before the reply (no [DONE] or "
                                          "finish_reason)")
         except httpx.ReadTimeout:  # nothing at all, not even a keep-alive line, for timeout_s
-            raise ResponderError(f"generation timed out: no new token for {limits.timeout_s:.0f} s") from None
+            raise ResponderError.timed_out(limits.timeout_s) from None
         except httpx.HTTPError as exc:
             raise ResponderError(f"cannot reach the generation server at {self.base_url}: {exc}") from None
 

@@ -403,8 +403,17 @@ def up() -> None:
     # A child that dies is started again, as a container's restart policy would: a gen worker
     # killed mid-reply comes back and finishes the reply where its stream stopped (the reply's
     # lease, workers.streams.ReplyLeases). One that dies again and again gives up the whole.
-    restarts: dict[int, list[float]] = {}
+    restarts: dict[str, list[float]] = {}
     given_up: tuple[str, int] | None = None
+
+    def may_restart(name: str) -> bool:
+        """Whether ``name`` is within its restart budget, counting this restart if it is."""
+        recent = [t for t in restarts.get(name, []) if time.monotonic() - t < _RESTART_WINDOW_S]
+        if len(recent) >= _RESTARTS_PER_WINDOW:
+            return False
+        restarts[name] = [*recent, time.monotonic()]
+        return True
+
     try:
         while not stopping and given_up is None:
             time.sleep(0.5)
@@ -413,26 +422,22 @@ def up() -> None:
                 # the workers and API only reconnect. It comes back on the same port from its
                 # append-only file, with the queued tasks and streams it had written.
                 code = server.process.returncode
-                recent = [t for t in restarts.get(-1, []) if time.monotonic() - t < _RESTART_WINDOW_S]
-                if len(recent) >= _RESTARTS_PER_WINDOW:
+                if not may_restart("redis-server"):
                     given_up = ("redis-server", code)
                     break
                 err.print(f"the embedded redis-server exited with status {code}; starting it again")
                 server.start()
-                restarts[-1] = [*recent, time.monotonic()]
             for i, child in enumerate(children):
                 if stopping or child.poll() is None:
                     continue
                 name = " ".join(commands[i][0])
-                recent = [t for t in restarts.get(i, []) if time.monotonic() - t < _RESTART_WINDOW_S]
                 # Status 2 is the CLI's "bad input" (a setting, model or index that does not load):
                 # starting it again would only fail again.
-                if child.returncode == 2 or len(recent) >= _RESTARTS_PER_WINDOW:
+                if child.returncode == 2 or not may_restart(name):
                     given_up = (name, child.returncode)
                     break
                 err.print(f"`tandem {name}` exited with status {child.returncode}; starting it again")
                 children[i] = start(*commands[i])
-                restarts[i] = [*recent, time.monotonic()]
     finally:
         for child in children:
             if child.poll() is None:
