@@ -132,3 +132,40 @@ def test_up_stops_at_once_when_a_worker_cannot_load_its_models(tmp_path):
     assert "unknown intent 'compromized_card' (did you mean 'compromised_card'?)" in output, output[-3000:]
     assert "could not start (its error is above); nothing was restarted" in output, output[-3000:]
     assert "starting it again" not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_up_gives_up_on_a_redis_server_that_keeps_dying(tmp_path):
+    """Restarts have a budget: a fourth death within a minute stops everything, naming the log."""
+    import psutil
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
+    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1",
+               TANDEM_API_PORT=str(free_port()), COLUMNS="200")
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        killed: set[int] = set()
+
+        def serving() -> int | None:
+            """The pid of a redis-server that answers on the port and was not killed yet."""
+            try:
+                pid = int(redis.Redis.from_url(f"redis://127.0.0.1:{port}/0").info("server")["process_id"])
+            except redis.ConnectionError:
+                return None
+            return pid if pid not in killed else None
+
+        for _ in range(4):
+            wait_until(serving, 30, "a restarted redis-server answering")
+            # One killed before `tandem up` has seen it answer (it looks every 0.05 s) is a start
+            # that failed, which ends `tandem up` at once: a different path from this test's.
+            time.sleep(2)
+            server = psutil.Process(serving())
+            killed.add(server.pid)
+            server.kill()
+            server.wait(10)
+    finally:
+        output = communicate(up, timeout=90)
+    assert output.count("the embedded redis-server exited with status -9; starting it again") == 3, output[-3000:]
+    assert "the embedded redis-server exited 4 times within 60 s (last status -9); see " in output, output[-3000:]
+    assert "redis.log" in output and up.returncode != 0, output[-3000:]
