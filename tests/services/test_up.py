@@ -43,13 +43,25 @@ def communicate(process: subprocess.Popen, timeout: float) -> str:
         raise AssertionError(f"`tandem up` still running after {timeout} s; its output ends:\n{output[-3000:]}") from None
 
 
+def up_env(tmp_path: Path, redis_port: int, api_port: int, **settings: str) -> dict[str, str]:
+    """The environment of a `tandem up` on private ports and a private data folder, whatever Redis
+    or API keys this one names."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
+    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(redis_port), HF_HUB_OFFLINE="1",
+               TANDEM_API_PORT=str(api_port), COLUMNS="200", **settings)
+    return env
+
+
+def start_up(env: dict[str, str]) -> subprocess.Popen:
+    """`tandem up` with its output, stdout and stderr together, in one pipe."""
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
     port, api_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
-    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1",
-               TANDEM_API_PORT=str(api_port))
-    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = up_env(tmp_path, port, api_port)
+    up = start_up(env)
     try:
         url = f"redis://127.0.0.1:{port}/0"
         wait_until(lambda: redis.Redis.from_url(url).ping(), 30, "embedded redis")
@@ -122,11 +134,7 @@ def test_up_serves_a_message_and_stops_on_ctrl_c(tmp_path):
 @pytest.mark.long
 def test_up_stops_at_once_when_a_worker_cannot_load_its_models(tmp_path):
     """A setting that stops a worker at start is not fixed by starting it again (exit status 2)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
-    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(free_port()), HF_HUB_OFFLINE="1",
-               TANDEM_API_PORT=str(free_port()), COLUMNS="200", TANDEM_HANDOFF_INTENTS='["compromized_card"]')
-    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    up = start_up(up_env(tmp_path, free_port(), free_port(), TANDEM_HANDOFF_INTENTS='["compromized_card"]'))
     output = communicate(up, timeout=240)
     assert up.returncode == 2, output[-3000:]
     assert "unknown intent 'compromized_card' (did you mean 'compromised_card'?)" in output, output[-3000:]
@@ -139,11 +147,7 @@ def test_up_gives_up_on_a_redis_server_that_keeps_dying(tmp_path):
     import psutil
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEYS")}
-    env.update(TANDEM_DATA_DIR=str(tmp_path / "data"), TANDEM_EMBEDDED_REDIS_PORT=str(port), HF_HUB_OFFLINE="1",
-               TANDEM_API_PORT=str(free_port()), COLUMNS="200")
-    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=Path(__file__).parents[2],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    up = start_up(up_env(tmp_path, port, free_port()))
     try:
         killed: set[int] = set()
 
