@@ -1,0 +1,222 @@
+"""The exploratory A/Bs of 2026-12-06 behind figures the README quotes as exploratory: each prints
+its figures and saves nothing. ``python -m bench.explore NAME``; none is part of ``make bench``.
+
+- ``prefill-chunk``: one grounded stream through the batcher with 128- and 512-token prefill
+  chunks, against llama.cpp alone on the same weights, four alternating rounds.
+- ``passages N``: the grounding set with N passages in the prompt (llama_cpp), as `bench grounding` measures it.
+- ``fusion-weight``: top-1 and top-3 article of the grounding questions as the intent probability's
+  weight in the retrieval fusion goes from 1 to 0, on the set's two halves.
+- ``faq-training``: the shipped intent recipe trained on BANKING77 train alone and with the help
+  centre's "Common questions" lines as extra rows: BANKING77 test and grounding-set intent accuracy.
+- ``onnx-optimizer``: the int8 encoder graph with and without ONNX Runtime's transformer
+  optimizer: messages/s on 1,024 BANKING77 test messages, three alternating rounds.
+- ``flash-attention``: the batcher with flash attention auto, off and on, at 1 and 16 streams.
+- ``stream-rounds``: 1, 8 and 16 short streams, one round each against four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from bench.__main__ import _pipeline, banking77_test
+from pipeline.settings import PACKAGE_DATA, Settings
+
+QUESTIONS = PACKAGE_DATA / "eval" / "grounding.jsonl"
+
+
+def _questions() -> list[dict]:
+    return [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
+
+
+def _batcher(**kwargs):
+    from pipeline.llama_cpp_backend import LlamaCppBackend
+
+    settings = Settings()
+    engine = LlamaCppBackend(settings.responder_model, threads=os.cpu_count(), slots=16,
+                             ctx_per_slot=settings.responder_ctx_per_slot, cpu_weights=settings.responder_cpu_weights,
+                             copies_dir=settings.data_dir / "models", **kwargs)
+    engine.warm_up()
+    return engine
+
+
+def prefill_chunk(args) -> None:
+    from llama_cpp import Llama
+
+    from bench.perf import _engine_run, _llama_cpp_alone, _prompts, _replies
+
+    prompts = _prompts(16)["grounded"]
+    sizes = SimpleNamespace(alone_replies=8, rounds=2)
+    engines = {chunk: _batcher(prefill_chunk=chunk) for chunk in (128, 512)}
+    llm = Llama(model_path=engines[128].weights_path, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    runs: dict = {"alone": [], 128: [], 512: []}
+    for _ in range(4):
+        runs["alone"].append(_llama_cpp_alone(llm, _replies(prompts, 1, sizes), 64)["tokens_per_s"])
+        for chunk, engine in engines.items():
+            runs[chunk].append(_engine_run(engine, _replies(prompts, 1, sizes), 1, 64)["tokens_per_s"])
+    print("weights", engines[128].weights_path, {str(k): v for k, v in runs.items()})
+    for chunk in (128, 512):
+        print(chunk, "over llama.cpp alone (median of rounds):",
+              round(statistics.median(a / b for a, b in zip(runs[chunk], runs["alone"])), 3))
+
+
+def passages(args) -> None:
+    from pipeline.evaluation import grounding_eval
+
+    report = grounding_eval(_pipeline(max_passages_in_prompt=args.n), _questions())
+    report.pop("rows")
+    print(args.n, json.dumps(report))
+
+
+def fusion_weight(args) -> None:
+    pipeline = _pipeline(load_responder=False)
+    questions = _questions()
+    for half in ("ga", "gb"):
+        part = [q for q in questions if q["id"].startswith(half)]
+        messages = [q["question"] for q in part]
+        understood, vectors = pipeline.classify(messages), pipeline._encode(messages)
+        for weight in (1, 0.7, 0.5, 0.3, 0.2, 0.1, 0):
+            tops = [[{**t, "confidence": t["confidence"] * weight} for t in u.top_intents] for u in understood]
+            found = pipeline.retrieve_many(vectors, tops)
+            top1 = np.mean([bool(f) and f[0].article_id == q["article_id"] for f, q in zip(found, part)])
+            top3 = np.mean([q["article_id"] in [p.article_id for p in f] for f, q in zip(found, part)])
+            print(half, len(part), "weight", weight, "top-1", round(float(top1), 4), "top-3", round(float(top3), 4))
+
+
+def faq_training(args) -> None:
+    from pipeline.chain import DEFAULT_TRAINING, serving_encoder
+    from pipeline.classifier import IntentClassifier, TrainConfig, evaluate
+    from pipeline.data_io import read_labelled_csv
+    from pipeline.knowledge import load_articles
+
+    settings = Settings()
+    encoder = serving_encoder(settings)
+    texts, labels = read_labelled_csv(PACKAGE_DATA / "banking77" / "train.csv", "text", "category")
+    extra = [(q, a.intents[0]) for a in load_articles(PACKAGE_DATA / "helpcentre") for q in a.questions
+             if len(a.intents) == 1]
+    test_texts, test_labels = banking77_test()
+    questions = _questions()
+    pipeline = _pipeline(load_responder=False)
+    for name, (x, y) in {"banking77": (texts, labels),
+                         "banking77 + help centre questions": (texts + [q for q, _ in extra],
+                                                               labels + [i for _, i in extra])}.items():
+        model = IntentClassifier.train(encoder, x, y, TrainConfig(**DEFAULT_TRAINING))
+        report, _ = evaluate(model, encoder, test_texts, test_labels)
+        pipeline.classifier = model
+        understood = pipeline.understand([q["question"] for q in questions])
+        grounding = np.mean([u.intent == q["intent"] for u, q in zip(understood, questions)])
+        print(f"{name} ({len(x)} rows): BANKING77 test {report['accuracy']}, grounding intent {grounding:.4f}")
+
+
+def onnx_optimizer(args) -> None:
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnx
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+
+    from pipeline.encoder import SentenceEncoder, _Pooled, onnx_session
+
+    settings = Settings()
+    encoder = SentenceEncoder(settings.encoder, max_length=settings.encoder_max_length,
+                              batch_size=settings.encoder_batch_size, batch_tokens=settings.encoder_batch_tokens)
+    encoder.warm_up()
+    folder = Path(tempfile.mkdtemp(prefix="tandem-onnx-"))
+    fp32 = folder / "fp32.onnx"
+    sample = encoder.tokenize(["a sample message to trace", "hi"])
+    torch.onnx.export(_Pooled(encoder), (sample["input_ids"], sample["attention_mask"]), str(fp32),
+                      input_names=["input_ids", "attention_mask"], output_names=["vectors"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                                    "vectors": {0: "batch"}}, opset_version=17, dynamo=False)
+
+    def int8(source: Path, target: Path) -> Path:  # as SentenceEncoder._export_int8 quantizes
+        graph = onnx.load(str(source)).graph
+        weights = {w.name for w in graph.initializer}
+        products = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=products,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        return target
+
+    fused = optimizer.optimize_model(str(fp32), model_type="bert", num_heads=12, hidden_size=encoder.dim, opt_level=1)
+    print(fused.get_fused_operator_statistics())
+    fused.save_model_to_file(str(folder / "fused.onnx"))
+    graphs = {"shipped": int8(fp32, folder / "shipped.int8.onnx"),
+              "optimized": int8(folder / "fused.onnx", folder / "fused.int8.onnx")}
+    texts, _ = banking77_test()
+    random.Random(0).shuffle(texts)
+    batches = encoder.batches(texts[:1024])
+    pool = ThreadPoolExecutor(os.cpu_count())
+    speeds: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(3):
+        for name, path in graphs.items():
+            run = onnx_session(path, 1).run
+            started = time.perf_counter()
+            list(pool.map(lambda batch, run=run: run(None, batch[1]), batches))
+            speeds[name].append(round(1024 / (time.perf_counter() - started)))
+    print("messages/s", speeds, "optimized over shipped per round:",
+          [round(a / b, 2) for a, b in zip(speeds["optimized"], speeds["shipped"])])
+
+
+def flash_attention(args) -> None:
+    import llama_cpp
+    from llama_cpp import _internals
+
+    from bench.perf import _engine_run, _prompts, _replies
+
+    workloads = _prompts(32)
+    sizes = SimpleNamespace(alone_replies=8, rounds=2)
+    default = _internals.LlamaContext.default_params
+    engines = {}
+    for name, kind in (("auto", llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO), ("off", llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),
+                       ("on", llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)):
+        def params(kind=kind):
+            chosen = default()
+            chosen.flash_attn_type = kind
+            return chosen
+        _internals.LlamaContext.default_params = staticmethod(params)
+        try:
+            engines[name] = _batcher()
+        finally:
+            _internals.LlamaContext.default_params = default
+    for workload in ("short", "grounded"):
+        for level in (1, 16):
+            runs = {name: [_engine_run(engine, _replies(workloads[workload], level, sizes), level, 64)["tokens_per_s"]
+                           for _ in range(2)] for name, engine in engines.items()}
+            print(workload, level, "streams, tokens/s", runs)
+
+
+def stream_rounds(args) -> None:
+    from bench.perf import _engine_run, _prompts
+
+    prompts = _prompts(64)["short"]
+    engine = _batcher()
+    for _ in range(2):
+        print({f"{level} streams x {rounds} rounds": _engine_run(engine, prompts[:level * rounds], level, 64)["tokens_per_s"]
+               for level, rounds in ((1, 8), (8, 1), (16, 1), (8, 4), (16, 4))})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="name", required=True)
+    for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds"):
+        sub.add_parser(name)
+    sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    getattr(sys.modules[__name__], args.name.replace("-", "_"))(args)
+
+
+if __name__ == "__main__":
+    main()
