@@ -426,7 +426,14 @@ def up() -> None:
                     given_up = ("redis-server", code)
                     break
                 err.print(f"the embedded redis-server exited with status {code}; starting it again")
-                server.start()
+                try:
+                    server.start()
+                except TandemError as exc:
+                    if server.process is None:  # not ours that failed: another server took the port
+                        raise
+                    # It died again before it answered (a corrupt append-only file, say): the next
+                    # look counts that against the budget, as a death after it answered is.
+                    err.print(f"{exc}")
             for i, child in enumerate(children):
                 if stopping or child.poll() is None:
                     continue

@@ -162,7 +162,7 @@ def test_up_gives_up_on_a_redis_server_that_keeps_dying(tmp_path):
         for _ in range(4):
             wait_until(serving, 30, "a restarted redis-server answering")
             # One killed before `tandem up` has seen it answer (it looks every 0.05 s) is a start
-            # that failed, which ends `tandem up` at once: a different path from this test's.
+            # that failed, with messages of its own (the next test's path).
             time.sleep(2)
             server = psutil.Process(serving())
             killed.add(server.pid)
@@ -173,3 +173,33 @@ def test_up_gives_up_on_a_redis_server_that_keeps_dying(tmp_path):
     assert output.count("the embedded redis-server exited with status -9; starting it again") == 3, output[-3000:]
     assert "the embedded redis-server exited 4 times within 60 s (last status -9); see " in output, output[-3000:]
     assert "redis.log" in output and up.returncode != 0, output[-3000:]
+
+
+def test_up_counts_a_redis_server_that_dies_at_start_against_its_restart_budget(tmp_path):
+    """A restarted redis-server that cannot start (here its append-only file is corrupt) is tried
+    again within the budget, then `tandem up` stops naming the cause, where before the first
+    failed restart ended it with a guess at a taken port."""
+    import psutil
+
+    port = free_port()
+    up = start_up(up_env(tmp_path, port, free_port()))
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_until(lambda: redis.Redis.from_url(url).ping(), 30, "embedded redis")
+        redis.Redis.from_url(url).set("tandem-test", "x")  # something for the append-only file to hold
+        server = psutil.Process(int(redis.Redis.from_url(url).info("server")["process_id"]))
+        # Before the kill, or `tandem up` may restart it first. The server appends to the file
+        # it has open, so what it writes meanwhile lands after the bad line.
+        aofs = list((tmp_path / "data" / "redis").rglob("*.aof"))  # Redis 6: appendonly.aof; 7: the .incr.aof
+        assert aofs, "no append-only file to corrupt"
+        for aof in aofs:
+            aof.write_bytes(b"*not a redis command\r\n" + aof.read_bytes())
+        server.kill()
+        server.wait(10)
+    finally:
+        output = communicate(up, timeout=90)
+    # The kill, then three restarts that die at start: four deaths within the minute.
+    assert output.count("exited at start (status 1: ") == 3, output[-3000:]
+    assert "append only file" in output.lower() and "taken" not in output, output[-3000:]
+    assert "the embedded redis-server exited 4 times within 60 s (last status 1); see " in output, output[-3000:]
+    assert up.returncode != 0 and "Traceback" not in output, output[-3000:]
