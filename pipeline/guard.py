@@ -41,7 +41,11 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate([
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])} | {
     w: str(30 + 10 * i) for i, w in enumerate(["thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"])}
 _COUNT = r"\d+(?:[.,]\d+)*|" + "|".join(_NUMBER_WORDS)
-_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_UNITS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+_TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+# "twenty-five" is one count, not 20 and 5.
+_NUMBER_WORD = re.compile(rf"\b(?:({'|'.join(_TENS)})[\s-]({'|'.join(_UNITS)})|({'|'.join(_NUMBER_WORDS)}))\b",
+                          re.IGNORECASE)
 _DURATION = re.compile(rf"\b({_COUNT})(?:\s*(?:–|—|-|to)\s*({_COUNT}))?[\s-]*"
                        r"(?:working |business |calendar )?(minute|hour|day|week|month|year)s?\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -89,6 +93,17 @@ def numbers_in(text: str) -> set[str]:
     return found
 
 
+def in_digits(text: str, but: tuple[str, ...] = ()) -> str:
+    """The text with its counts in words written in digits ("twenty-five" -> "25"), except the
+    words in ``but``."""
+    def digits(match: re.Match) -> str:
+        tens, unit, word = match.groups()
+        if word:
+            return match.group(0) if word.lower() in but else _NUMBER_WORDS[word.lower()]
+        return str(int(_NUMBER_WORDS[tens.lower()]) + int(_NUMBER_WORDS[unit.lower()]))
+    return _NUMBER_WORD.sub(digits, text)
+
+
 def _count(word: str) -> str:
     return _NUMBER_WORDS.get(word.lower()) or _value(word)
 
@@ -113,8 +128,10 @@ def unsupported_numbers(reply: str, source: str) -> list[str]:
     supported by "10 working days"), and its durations that misstate one: "3 days" where the
     source says "3–5 working days" understates it. A single duration must be one the source
     gives alone or as the top of a range ("up to 5 days"); a range must match."""
-    given_numbers = numbers_in(source)
-    missing = sorted(n for n in numbers_in(reply) if not _supported(n, given_numbers))
+    given_numbers = numbers_in(in_digits(source))
+    # Counts in words too ("up to three cards"), but not "one": a reply says "the one you used"
+    # or "one of our team" where no article gives a 1.
+    missing = sorted(n for n in numbers_in(in_digits(reply, but=("one",))) if not _supported(n, given_numbers))
     given = durations_in(source)
     for start, end, unit in sorted(durations_in(reply)):
         if end and (start, end, unit) in given:
@@ -129,8 +146,7 @@ def specifics(text: str) -> set[str]:
     """What a customer acts on: the numbers (in digits or words: "six-digit" gives "6"), and each
     step of an app path ("Cards → Security" -> "cards→security")."""
     steps = {f"{a}→{b}".lower().replace("’", "'") for a, b in _APP_PATH_STEP.findall(text)}
-    words = _NUMBER_WORD.sub(lambda m: _NUMBER_WORDS[m.group(1).lower()], text)
-    return numbers_in(words) | steps
+    return numbers_in(in_digits(text)) | steps
 
 
 def last_sentence_end(text: str) -> int:
@@ -230,7 +246,7 @@ class GroundingGuard:
     @property
     def identity(self) -> str:
         """What a cached reply depends on in the guard; the version moves when its rules do."""
-        return f"guard5:{self.similarity_threshold}:{self.complete_sentences}"
+        return f"guard6:{self.similarity_threshold}:{self.complete_sentences}"
 
     def check(self, reply: str, passages: list[Passage], whole: bool = True) -> GuardVerdict:
         """Whether the passages support ``reply``. A ``whole`` reply with no sentence of three
