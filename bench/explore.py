@@ -12,6 +12,10 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
   optimizer: messages/s on 1,024 BANKING77 test messages, three alternating rounds.
 - ``flash-attention``: the batcher with flash attention auto, off and on, at 1 and 16 streams.
 - ``stream-rounds``: 1, 8 and 16 short streams, one round each against four.
+- ``single-stream-phases``: one grounded stream through the batcher against llama.cpp alone on the
+  same weights, split into time to first token (the prompt read) and tokens/s after it, with the
+  tokens each generated: greedy replies from the two differ, so whole-reply tokens/s compares
+  replies of different lengths.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,10 +212,49 @@ def stream_rounds(args) -> None:
                for level, rounds in ((1, 8), (8, 1), (16, 1), (8, 4), (16, 4))})
 
 
+def single_stream_phases(args) -> None:
+    from llama_cpp import Llama
+
+    from bench.perf import _only_system_prompt_cached, _prompts, _replies
+    from pipeline.responder import GenerationLimits
+
+    prompts = _replies(_prompts(16)["grounded"], 1, SimpleNamespace(alone_replies=8, rounds=2))
+    engine = _batcher()
+    llm = Llama(model_path=engine.weights_path, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    limits = GenerationLimits(max_tokens=64, timeout_s=600)
+
+    def alone(prompt: list[dict]) -> Iterator[str]:
+        for chunk in llm.create_chat_completion(messages=prompt, max_tokens=64, temperature=0.0,
+                                                repeat_penalty=limits.repeat_penalty, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                yield chunk["choices"][0]["delta"]["content"]  # one token a chunk
+
+    def phases(stream: Callable[[list[dict]], Iterator[str]]) -> tuple[float, float, int]:
+        """Median time to first token (ms), tokens/s after it over all replies, and tokens."""
+        first_ms, decoding, tokens = [], 0.0, 0
+        for prompt in prompts:
+            started, first = time.perf_counter(), None
+            for _ in stream(prompt):
+                tokens += 1
+                first = first or time.perf_counter()
+            first_ms.append((first - started) * 1000)
+            decoding += time.perf_counter() - first
+        return statistics.median(first_ms), tokens / decoding, tokens
+
+    for round_ in range(4):
+        llm.create_chat_completion(messages=prompts[-1], max_tokens=4)  # as the decode bench: its last prompt read
+        a = phases(alone)
+        _only_system_prompt_cached(engine, prompts[0][0])
+        b = phases(lambda prompt: engine.stream(prompt, limits))
+        print(f"round {round_}: first token {a[0]:.0f} ms alone, {b[0]:.0f} ms batcher ({a[0] / b[0]:.2f}x); "
+              f"after it {a[1]:.1f} and {b[1]:.1f} tokens/s ({b[1] / a[1]:.2f}x); tokens {a[2]} and {b[2]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
-    for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds"):
+    for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
+                 "single-stream-phases"):
         sub.add_parser(name)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
     args = parser.parse_args()
