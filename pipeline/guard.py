@@ -40,12 +40,12 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate([
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])} | {
     w: str(30 + 10 * i) for i, w in enumerate(["thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"])}
-_COUNT = r"\d+(?:[.,]\d+)*|" + "|".join(_NUMBER_WORDS)
-_UNITS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-_TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_UNITS = [w for w, n in _NUMBER_WORDS.items() if 1 <= int(n) <= 9]
+_TENS = [w for w, n in _NUMBER_WORDS.items() if int(n) >= 20]
 # "twenty-five" is one count, not 20 and 5.
 _NUMBER_WORD = re.compile(rf"\b(?:({'|'.join(_TENS)})[\s-]({'|'.join(_UNITS)})|({'|'.join(_NUMBER_WORDS)}))\b",
                           re.IGNORECASE)
+_COUNT = r"\d+(?:[.,]\d+)*"  # counts in words are read as digits first (``in_digits``)
 _DURATION = re.compile(rf"\b({_COUNT})(?:\s*(?:–|—|-|to)\s*({_COUNT}))?[\s-]*"
                        r"(?:working |business |calendar )?(minute|hour|day|week|month|year)s?\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -104,14 +104,12 @@ def in_digits(text: str, but: tuple[str, ...] = ()) -> str:
     return _NUMBER_WORD.sub(digits, text)
 
 
-def _count(word: str) -> str:
-    return _NUMBER_WORDS.get(word.lower()) or _value(word)
-
-
 def durations_in(text: str) -> set[tuple[str, str, str]]:
     """Durations as (from, to, unit), ``to`` empty for a single one, counts in words read as
-    digits: "3–5 working days" -> ("3", "5", "day"), "seven days" -> ("7", "", "day")."""
-    return {(_count(a), _count(b) if b else "", unit.lower()) for a, b, unit in _DURATION.findall(text)}
+    digits: "3–5 working days" -> ("3", "5", "day"), "seven days" -> ("7", "", "day"),
+    "twenty-five days" -> ("25", "", "day"), not the range 20–5 it was read as when durations
+    read their words apart from ``in_digits``."""
+    return {(_value(a), _value(b) if b else "", unit.lower()) for a, b, unit in _DURATION.findall(in_digits(text))}
 
 
 def _supported(number: str, given: set[str]) -> bool:

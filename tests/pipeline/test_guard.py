@@ -51,6 +51,9 @@ def test_numbers_must_be_given_as_the_same_kind(reply, unsupported):
 def test_durations_are_read_with_their_ranges():
     assert durations_in("3–5 working days, 2 hours, 1 to 2 weeks; 3. Tap Cards") == {
         ("3", "5", "day"), ("2", "", "hour"), ("1", "2", "week")}
+    assert durations_in("one to two days, a seven-day window") == {("1", "2", "day"), ("7", "", "day")}
+    assert durations_in("within twenty-five days") == {("25", "", "day")}  # one count, not the range 20–5
+    assert unsupported_numbers("It takes twenty-five days.", "It takes 25 days.") == []
 
 
 @pytest.mark.parametrize("reply, unsupported", [
