@@ -1,4 +1,4 @@
-"""The exploratory A/Bs of 2026-12-06 behind figures the README quotes as exploratory: each prints
+"""The exploratory A/Bs of 2026-12-06 and 07 behind figures the README quotes as exploratory: each prints
 its figures and saves nothing. ``python -m bench.explore NAME``; none is part of ``make bench``.
 
 - ``prefill-chunk``: one grounded stream through the batcher with 128- and 512-token prefill
@@ -16,6 +16,12 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
   same weights, split into time to first token (the prompt read) and tokens/s after it, with the
   tokens each generated: greedy replies from the two differ, so whole-reply tokens/s compares
   replies of different lengths.
+- ``prefill-params``: the same grounded prompts' reads (all after the system prompt) decoded
+  straight through llama.cpp's context API, no scheduler, under the batcher's context settings
+  and under plain llama.cpp's, alternating: whether a setting, not the batcher, costs the time
+  to first token.
+- ``first-token-split``: one grounded stream's time to first token through the batcher against
+  the time llama_decode spent on its prompt before it: what the scheduler adds.
 """
 
 from __future__ import annotations
@@ -250,13 +256,110 @@ def single_stream_phases(args) -> None:
               f"after it {a[1]:.1f} and {b[1]:.1f} tokens/s ({b[1] / a[1]:.2f}x); tokens {a[2]} and {b[2]}")
 
 
+def prefill_params(args) -> None:
+    import llama_cpp
+    from llama_cpp import _internals
+
+    from bench.perf import _prompts, _replies
+
+    engine = _batcher()  # for its weights, tokenizer and chat template; its own context stays idle
+    prompts = _replies(_prompts(16)["grounded"], 1, SimpleNamespace(alone_replies=8, rounds=2))
+    system = len(engine.tokenize_chat(prompts[0][:1], engine._system_formatter))
+    tokenized = [engine.tokenize_chat(prompt) for prompt in prompts]
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def context(**settings):
+        params = _internals.LlamaContext.default_params()
+        params.n_threads = params.n_threads_batch = engine.threads
+        params.n_batch = params.n_ubatch = 512
+        for key, value in settings.items():
+            setattr(params, key, value)
+        return _internals.LlamaContext(model=engine._model, params=params, verbose=False)
+
+    def decode(ctx, tokens: list[int], start: int, chunk: int) -> None:
+        for low in range(start, len(tokens), chunk):
+            batch.n_tokens = 0
+            for i in range(low, min(low + chunk, len(tokens))):
+                n = batch.n_tokens
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = tokens[i], i, 1, i == len(tokens) - 1
+                batch.seq_id[n][0] = 0
+                batch.n_tokens = n + 1
+            if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+    batcher = {"n_seq_max": 16, "n_ctx": 16 * engine.ctx_per_slot, "kv_unified": False}
+    plain = {"n_ctx": 2048, "flash_attn_type": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}  # as Llama() sets them
+    variants = {  # name -> (context, prefill chunk)
+        "plain llama.cpp, whole": (context(**plain), 512),
+        "batcher settings, 128-token chunks": (context(**batcher), 128),
+        "batcher settings, whole": (context(**batcher), 512),
+        "batcher settings, flash attention off, 128-token chunks": (
+            context(**batcher, flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED), 128),
+        "plain llama.cpp, 128-token chunks": (context(**plain), 128)}
+    for ctx, _ in variants.values():  # the system prompt stays in the cache, as both serve it
+        decode(ctx, tokenized[0][:system], 0, 512)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (ctx, chunk) in variants.items():
+            started = time.perf_counter()
+            for tokens in tokenized:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx.ctx), 0, system, -1)
+                decode(ctx, tokens, system, chunk)
+            seconds[name].append(time.perf_counter() - started)
+    base = statistics.median(seconds["plain llama.cpp, whole"])
+    reads = sum(len(t) - system for t in tokenized)
+    print(f"{len(tokenized)} prompt reads of {reads} tokens after a {system}-token system prompt, "
+          f"median of {args.rounds} alternating rounds:")
+    for name, runs in seconds.items():
+        median = statistics.median(runs)
+        print(f"  {name}: {median * 1000 / len(tokenized):.0f} ms a prompt, {reads / median:.0f} tokens/s, "
+              f"{base / median:.2f}x plain llama.cpp's speed (rounds {', '.join(f'{r:.2f}' for r in runs)} s)")
+
+
+def first_token_split(args) -> None:
+    import llama_cpp
+
+    from bench.perf import _only_system_prompt_cached, _prompts, _replies
+    from pipeline.responder import GenerationLimits
+
+    decoding: list[float] = []
+    decode = llama_cpp.llama_decode  # the batcher calls it through the module, so it can be timed there
+
+    def timed(ctx, batch) -> int:
+        started = time.perf_counter()
+        try:
+            return decode(ctx, batch)
+        finally:
+            decoding.append(time.perf_counter() - started)
+
+    prompts = _replies(_prompts(16)["grounded"], 1, SimpleNamespace(alone_replies=8, rounds=2))
+    engine = _batcher()
+    llama_cpp.llama_decode = timed
+    try:
+        for round_ in range(4):
+            _only_system_prompt_cached(engine, prompts[0][0])
+            first, in_decode = [], []
+            for prompt in prompts:
+                decoding.clear()
+                started = time.perf_counter()
+                next(iter(engine.stream(prompt, GenerationLimits(max_tokens=1, timeout_s=600))))
+                first.append(time.perf_counter() - started)
+                in_decode.append(sum(decoding))
+            outside = statistics.median(f - d for f, d in zip(first, in_decode))
+            print(f"round {round_}: first token p50 {statistics.median(first) * 1000:.0f} ms, of which llama_decode "
+                  f"{statistics.median(in_decode) * 1000:.0f} ms; outside it {outside * 1000:.1f} ms")
+    finally:
+        llama_cpp.llama_decode = decode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
-                 "single-stream-phases"):
+                 "single-stream-phases", "first-token-split"):
         sub.add_parser(name)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
+    sub.add_parser("prefill-params").add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     getattr(sys.modules[__name__], args.name.replace("-", "_"))(args)

@@ -190,6 +190,7 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
     pending = list(prompts)
     lock = threading.Lock()
     first_token: list[float] = []
+    replies: list[tuple[float | None, float, int]] = []
 
     def client() -> None:
         while True:
@@ -197,10 +198,12 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
                 if not pending:
                     return
                 prompt = pending.pop()
-            t0 = time.perf_counter()
-            for i, _ in enumerate(engine.stream(prompt, limits)):
-                if i == 0:
-                    first_token.append((time.perf_counter() - t0) * 1000)
+            t0, first, pieces = time.perf_counter(), None, 0
+            for pieces, _ in enumerate(engine.stream(prompt, limits), 1):
+                if pieces == 1:
+                    first = time.perf_counter() - t0
+                    first_token.append(first * 1000)
+            replies.append((first, time.perf_counter() - t0, pieces))
 
     _only_system_prompt_cached(engine, prompts[0][0])
     prompt_tokens = sum(len(engine.tokenize_chat(prompt)) for prompt in prompts)
@@ -217,7 +220,31 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
             "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1),
             "prompt_tokens_reused": engine.prefix_tokens_reused - reused,
             # what the run's forward passes computed besides the reply: every prompt token not reused
-            "prompt_tokens_computed": prompt_tokens - (engine.prefix_tokens_reused - reused)}
+            "prompt_tokens_computed": prompt_tokens - (engine.prefix_tokens_reused - reused),
+            # one stream's replies one after another: its phases mean what llama.cpp alone's do
+            **({"phases": phases(replies)} if concurrency == 1 else {})}
+
+
+def phases(replies: list[tuple[float | None, float, int]]) -> dict:
+    """One stream's replies, each (seconds to its first token or None, seconds in all, tokens),
+    split into the prompt read and the generation after it. Whole-reply tokens/s favours the
+    side whose replies run longer, since each reply pays its prompt read once: two greedy
+    decoders on the same weights need not write the same replies (the batcher reads a prompt
+    in chunks, through its own batch, and a last bit can tip an argmax)."""
+    read = [r for r in replies if r[0] is not None]
+    after = sum(total - first for first, total, _ in read)
+    return {"first_token_ms_p50": round(statistics.median(first for first, _, _ in read) * 1000, 1),
+            # the first token of a reply comes with its prompt read, the others after it
+            "tokens_per_s_after_first": round(sum(n - 1 for _, _, n in read) / after, 1) if after else None,
+            "tokens": sum(n for _, _, n in replies)}
+
+
+def equal_length_ratio(ours: dict, theirs: dict, length: int) -> float:
+    """How much faster ``ours`` writes a reply of ``length`` tokens than ``theirs``, from each
+    side's ``phases``: its median prompt read, then ``length - 1`` tokens at its rate after it."""
+    def seconds(p: dict) -> float:
+        return p["first_token_ms_p50"] / 1000 + (length - 1) / p["tokens_per_s_after_first"]
+    return round(seconds(theirs) / seconds(ours), 3)
 
 
 def _computed_per_s(run: dict) -> float:
@@ -240,13 +267,21 @@ def _llama_cpp_alone(llm, prompts: list[list[dict]], max_tokens: int) -> dict:
     from pipeline.responder import GenerationLimits
 
     llm.create_chat_completion(messages=prompts[-1], max_tokens=4)
-    tokens, started = 0, time.perf_counter()
+    replies, started = [], time.perf_counter()
     for prompt in prompts:
-        out = llm.create_chat_completion(messages=prompt, max_tokens=max_tokens, temperature=0.0,
-                                         repeat_penalty=GenerationLimits().repeat_penalty)
-        tokens += out["usage"]["completion_tokens"]
+        t0, first, pieces = time.perf_counter(), None, 0
+        # Streamed, as a chat is served: each chunk with text is one token (no stop strings are
+        # set but the template's end, which is a token of its own).
+        for chunk in llm.create_chat_completion(messages=prompt, max_tokens=max_tokens, temperature=0.0,
+                                                repeat_penalty=GenerationLimits().repeat_penalty, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                pieces += 1
+                first = first or time.perf_counter() - t0
+        replies.append((first, time.perf_counter() - t0, pieces))
     seconds = time.perf_counter() - started
-    return {"replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    tokens = sum(n for _, _, n in replies)
+    return {"replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "phases": phases(replies)}
 
 
 def bench_decode(args) -> None:
@@ -298,11 +333,14 @@ def bench_decode(args) -> None:
         for _ in range(args.pairs):
             alone_runs.append(_llama_cpp_alone(llm, _replies(prompts, 1, args), args.max_tokens))
             pair = {"llama_cpp_alone": alone_runs[-1]["tokens_per_s"]}
+            pair_phases = {"llama_cpp_alone": alone_runs[-1]["phases"]}
             if same is not None:
-                pair["llama_cpp_alone_same_weights"] = _llama_cpp_alone(same, _replies(prompts, 1, args),
-                                                                        args.max_tokens)["tokens_per_s"]
+                run = _llama_cpp_alone(same, _replies(prompts, 1, args), args.max_tokens)
+                pair["llama_cpp_alone_same_weights"], pair_phases["llama_cpp_alone_same_weights"] = \
+                    run["tokens_per_s"], run["phases"]
             single_runs.append(_engine_run(engine, _replies(prompts, 1, args), 1, args.max_tokens))
-            pairs.append({**pair, "batcher": single_runs[-1]["tokens_per_s"]})
+            pairs.append({**pair, "batcher": single_runs[-1]["tokens_per_s"],
+                          "phases": {**pair_phases, "batcher": single_runs[-1]["phases"]}})
             print(name, "pair", pairs[-1], flush=True)
         # Each level's row is the best of `repeats` runs, one stream's the best of the pairs' runs:
         # one run a level had put 16 short streams below 8 in one run and above it in the next.
@@ -318,6 +356,7 @@ def bench_decode(args) -> None:
                                     **({"single_over_llama_cpp_alone_same_weights": round(statistics.median(
                                         p["batcher"] / p["llama_cpp_alone_same_weights"] for p in pairs), 3)}
                                        if same is not None else {}),
+                                    **_phase_ratios(pairs, args.max_tokens),
                                     **{f"streams_{r['streams']}_over_single": round(r["tokens_per_s"] / single, 2)
                                        for r in rows}}}
         # The most tokens the batcher computes per second on this machine: prompts alone, in
@@ -333,6 +372,23 @@ def bench_decode(args) -> None:
                     "max_tokens": args.max_tokens,
                     "gpu_layers": args.gpu_layers, "gpu": _gpu_name() if args.gpu_layers else None,
                     "workloads": results})
+
+
+def _phase_ratios(pairs: list[dict], length: int) -> dict:
+    """One stream through the batcher against each llama.cpp alone of the pairs, phase by phase
+    and for a reply of ``length`` tokens (medians over the pairs): equal work on both sides,
+    whatever the lengths of the replies each happened to write."""
+    ratios = {}
+    for alone in (k for k in ("llama_cpp_alone", "llama_cpp_alone_same_weights") if k in pairs[0]["phases"]):
+        suffix = alone.removeprefix("llama_cpp_alone")
+        per_pair = [(p["phases"]["batcher"], p["phases"][alone]) for p in pairs]
+        ratios[f"single_first_token_speed_over_llama_cpp_alone{suffix}"] = round(statistics.median(
+            theirs["first_token_ms_p50"] / ours["first_token_ms_p50"] for ours, theirs in per_pair), 3)
+        ratios[f"single_after_first_over_llama_cpp_alone{suffix}"] = round(statistics.median(
+            ours["tokens_per_s_after_first"] / theirs["tokens_per_s_after_first"] for ours, theirs in per_pair), 3)
+        ratios[f"single_equal_length_over_llama_cpp_alone{suffix}"] = round(statistics.median(
+            equal_length_ratio(ours, theirs, length) for ours, theirs in per_pair), 3)
+    return ratios
 
 
 def _replies(prompts: list[list[dict]], level: int, args) -> list[list[dict]]:

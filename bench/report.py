@@ -368,6 +368,25 @@ def nlu_table(nlu: dict) -> list[str]:
     return out
 
 
+def _length_fair(decode: dict, file_name: str, copy: str) -> list[str]:
+    """The single-stream comparison phase by phase, where the run kept the pairs' phases."""
+    ratios = {name: w["ratios"] for name, w in decode["workloads"].items()}
+    if not all("single_equal_length_over_llama_cpp_alone" in r for r in ratios.values()):
+        return []  # a run from before bench decode kept phases
+    sides = [("", file_name)] + ([("_same_weights", f"the same {copy or 'weights'}")]
+                                 if all("single_equal_length_over_llama_cpp_alone_same_weights" in r
+                                        for r in ratios.values()) else [])
+    length = decode["max_tokens"]
+    return [f"The same pairs phase by phase, which the two sides' different reply lengths do not tilt (medians "
+            f"over the pairs: the batcher's speed to the first token, its tokens/s after it, and the time for a "
+            f"{length}-token reply from the two, each as a multiple of llama.cpp alone's): " + "; ".join(
+                f"against llama.cpp alone{' on ' + where if where else ''}: " + ", ".join(
+                    f"{name} {r['single_first_token_speed_over_llama_cpp_alone' + suffix]:.2f}×, "
+                    f"{r['single_after_first_over_llama_cpp_alone' + suffix]:.2f}× and "
+                    f"{r['single_equal_length_over_llama_cpp_alone' + suffix]:.2f}×" for name, r in ratios.items())
+                for suffix, where in sides) + ".\n"]
+
+
 def decode_table(decode: dict, stem: str = "decode") -> list[str]:
     where = (f"all layers on one {decode['gpu']}, {decode['machine']['cores']} CPU cores" if decode.get("gpu")
              else f"{decode['threads']} threads")
@@ -409,6 +428,7 @@ def decode_table(decode: dict, stem: str = "decode") -> list[str]:
                + ("; against llama.cpp alone on the same " + (copy or "weights") + ": " + ", ".join(
                    f"{name} {w['ratios']['single_over_llama_cpp_alone_same_weights']:.2f}×"
                    for name, w in decode["workloads"].items()) if same else "") + ".\n")
+    out.extend(_length_fair(decode, file_name if same else "", copy))
     ab = {name: w["weights"] for name, w in decode["workloads"].items() if "weights" in w}
     if ab:
         first = next(iter(ab.values()))

@@ -28,6 +28,22 @@ def test_the_decode_block_names_the_copy_served_and_its_gain():
     assert "served from its Q8_0 copy" in "\n".join(decode_table(_decode("SmolLM2.Q4_1.abc.q8_0.gguf", with_ab=False)))
 
 
+def test_the_decode_block_gives_the_length_fair_single_stream():
+    decode = _decode("SmolLM2.Q4_1.abc.q8_0.gguf", with_ab=False)
+    decode["llama_cpp_alone_weights"] = "SmolLM2.Q4_1.gguf"
+    decode["workloads"]["short"]["ratios"].update({
+        "single_over_llama_cpp_alone_same_weights": 0.9,
+        "single_first_token_speed_over_llama_cpp_alone": 1.2, "single_after_first_over_llama_cpp_alone": 1.3,
+        "single_equal_length_over_llama_cpp_alone": 1.25,
+        "single_first_token_speed_over_llama_cpp_alone_same_weights": 0.91,
+        "single_after_first_over_llama_cpp_alone_same_weights": 1.08,
+        "single_equal_length_over_llama_cpp_alone_same_weights": 1.04})
+    text = "\n".join(decode_table(decode))
+    assert ("against llama.cpp alone on the Q4_1 file: short 1.20×, 1.30× and 1.25×; "
+            "against llama.cpp alone on the same Q8_0 copy: short 0.91×, 1.08× and 1.04×.") in text
+    assert "phase by phase" not in "\n".join(decode_table(_decode("SmolLM2.Q4_1.gguf", with_ab=False)))
+
+
 def test_a_file_served_as_it_is_gets_no_copy_line():
     text = "\n".join(decode_table(_decode("SmolLM2.Q4_1.gguf", with_ab=False)))
     assert "Q8_0" not in text
