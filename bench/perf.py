@@ -324,7 +324,7 @@ def bench_decode(args) -> None:
     # the copy is also weighed against the file, and a BF16 copy against the Q8_0 one (what a
     # CPU without bfloat16 instructions is served), through the same batcher.
     others = {kind: batcher(kind) for kind in ("file", "q8_0")
-              if engine.cpu_weights != "file" and (kind == "file" or engine.cpu_weights == "bf16")}
+              if engine.cpu_weights != "file" and (kind == "file" or engine.cpu_weights != "q8_0")}
     results = {}
     for name, prompts in workloads.items():
         # llama.cpp alone and one stream through the batcher, in alternation: this machine's
@@ -430,13 +430,16 @@ def _weights_ab(served, others: dict, prompts: list[list[dict]], args) -> dict:
     """The weights served against each of ``others`` (kind -> batcher), alternating runs at 1
     and at the most streams: tokens/s of each, and the median of the served-over-other ratios."""
     runs: dict[str, list[dict]] = {}
+    tokens: dict[str, dict[str, int]] = {}  # replies written on other weights differ, and so do their lengths
     for _ in range(args.pairs):
         for level in (1, max(args.levels)):
-            run = {name: _engine_run(engine, _replies(prompts, level, args), level, args.max_tokens)["tokens_per_s"]
-                   for name, engine in (("served", served), *others.items())}
+            results = {name: _engine_run(engine, _replies(prompts, level, args), level, args.max_tokens)
+                       for name, engine in (("served", served), *others.items())}
+            run = {name: result["tokens_per_s"] for name, result in results.items()}
             runs.setdefault(f"streams_{level}", []).append(run)
+            tokens[f"streams_{level}"] = {name: result["tokens"] for name, result in results.items()}
             print("weights", level, run, flush=True)
-    return {"served": served.cpu_weights,
+    return {"served": served.cpu_weights, "tokens": tokens,
             "levels": {key: {"runs": pairs, "served_over": {name: round(statistics.median(p["served"] / p[name]
                                                                                           for p in pairs), 2)
                                                             for name in others}}

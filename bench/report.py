@@ -294,11 +294,11 @@ def priority_table(runs: list[dict]) -> list[str]:
     return out
 
 
-_COPIES = {"bf16": "BF16 copy", "q8_0": "Q8_0 copy"}  # TANDEM_RESPONDER_CPU_WEIGHTS -> how the text names it
+_COPIES = {"bf16": "BF16 copy", "q8_0": "Q8_0 copy", "iq4_nl": "IQ4_NL copy"}  # TANDEM_RESPONDER_CPU_WEIGHTS -> how the text names it
 
 
 def _served_copy(weights: str) -> str | None:
-    """"BF16 copy" or "Q8_0 copy" for the file name of a copy of the GGUF (weights_copy names it
+    """"BF16 copy", "Q8_0 copy" or "IQ4_NL copy" for the file name of a copy of the GGUF (weights_copy names it
     ``*.{kind}.gguf``), None for the file itself."""
     return next((name for kind, name in _COPIES.items() if weights.endswith(f".{kind}.gguf")), None)
 

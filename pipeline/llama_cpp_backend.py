@@ -17,8 +17,9 @@ llama.cpp's own loop does, so the single-stream speed stays llama.cpp's.
 
 On a CPU the GGUF is served from a copy made once (see ``weights_copy``), because batches
 (prompts, many replies at once) go through llama.cpp's tiled matrix kernels (llamafile's
-sgemm), which take neither Q4_1 nor the bundled file's other 4-bit types: a BF16 copy where the
-CPU computes in bfloat16 (AVX512-BF16), else a Q8_0 one (README, Measured).
+sgemm), which do not take Q4_1: a BF16 copy where the CPU computes in bfloat16 (AVX512-BF16),
+else a Q8_0 one (README, Measured). An IQ4_NL copy, which llama.cpp repacks for its AVX2
+kernels, is faster still there, but moves the weights, so it is asked for, not chosen.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ from pipeline.errors import ModelLoadError, ResponderError
 _DONE = object()  # end-of-reply marker in a reply's queue
 # GGUF file types (llama.h LLAMA_FTYPE_*) that need no copy of each kind: a Q8_0 copy is made
 # only of files below 8 bits (F32, F16, Q8_0 and BF16 are served as they are), a BF16 copy of
-# anything but BF16.
-_NO_COPY = {"q8_0": {0, 1, 7, 32}, "bf16": {32}}
-CPU_WEIGHTS = ("auto", "bf16", "q8_0", "file")
+# anything but BF16, an IQ4_NL copy of anything but IQ4_NL.
+_NO_COPY = {"q8_0": {0, 1, 7, 32}, "bf16": {32}, "iq4_nl": {25}}
+CPU_WEIGHTS = ("auto", "bf16", "q8_0", "iq4_nl", "file")
 _RECENT_PROMPTS = 64  # prompts remembered (as tokens) to find the beginnings they share
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,15 @@ def weights_for_plain_llama_cpp(model_path: str, cache_dir: Path) -> str:
 
 
 def weights_copy(model_path: str, cache_dir: Path, kind: str, threads: int = 0) -> str:
-    """The GGUF with its weights re-encoded as ``kind`` ("q8_0" or "bf16"), made once and kept
-    in ``cache_dir``; a file that needs no such copy (``_NO_COPY``) comes back as it is.
+    """The GGUF with its weights re-encoded as ``kind`` ("q8_0", "bf16" or "iq4_nl"), made once
+    and kept in ``cache_dir``; a file that needs no such copy (``_NO_COPY``) comes back as it is.
 
-    Both hold the bundled Q4_1 weights closely (BF16 to about 3 significant digits; Q8_0 to half a
-    step of 1/127 of each block's largest weight), so the replies stay the original's in
-    substance (README, Measured: Grounding). The copies are 1.5x (Q8_0) and 2.8x (BF16) the
-    Q4_1 file. Where a copy cannot be made, the original is served and a warning logged."""
+    Q8_0 and BF16 hold the bundled Q4_1 weights closely (BF16 to about 3 significant digits; Q8_0
+    to half a step of 1/127 of each block's largest weight), so the replies stay the original's
+    in substance (README, Measured: Grounding). IQ4_NL is another 4-bit code, which llama.cpp
+    repacks for its AVX2 batch kernels; re-encoding 4-bit weights into it moves them, so it is
+    not the default (README, Measured: Decode). The copies are 1.5x (Q8_0), 2.8x (BF16) and 0.9x
+    (IQ4_NL) the Q4_1 file. Where a copy cannot be made, the original is served and a warning logged."""
     import llama_cpp
 
     file_type = gguf_file_type(model_path)
@@ -119,7 +122,8 @@ def weights_copy(model_path: str, cache_dir: Path, kind: str, threads: int = 0) 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         quantize = llama_cpp.llama_model_quantize_default_params()
-        quantize.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}[kind]
+        quantize.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
+                          "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL}[kind]
         quantize.allow_requantize = True
         quantize.nthread = threads
         if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(quantize)) != 0:

@@ -104,9 +104,10 @@ class Settings(BaseSettings):
     # llama_cpp: model layers offloaded to the GPU (-1: all) by a CUDA/Metal build of llama-cpp-python.
     responder_gpu_layers: int = Field(default=0, ge=-1)
     # llama_cpp on a CPU: the weights served, as a copy made once under <data_dir>/models, because
-    # llama.cpp's batch kernels take neither Q4_1 nor the other 4-bit types. "auto": BF16 where
-    # the CPU has AVX512-BF16, else Q8_0; "file": the GGUF as it is (README, Measured: Decode).
-    responder_cpu_weights: Literal["auto", "bf16", "q8_0", "file"] = "auto"
+    # llama.cpp's batch kernels do not take Q4_1. "auto": BF16 where the CPU has AVX512-BF16, else
+    # Q8_0; "iq4_nl": a 4-bit code its AVX2 kernels repack, faster but not the file's replies;
+    # "file": the GGUF as it is (README, Measured: Decode).
+    responder_cpu_weights: Literal["auto", "bf16", "q8_0", "iq4_nl", "file"] = "auto"
     # llama_cpp: replies decoded together by continuous batching, and each one's context (prompt + reply)
     responder_slots: int = Field(default=16, ge=1, le=64)
     responder_ctx_per_slot: int = Field(default=1024, ge=256)

@@ -394,7 +394,7 @@ def test_a_chat_admitted_among_prefilling_drafts_gets_its_prompt_chunk_first(set
     assert first - joined_at <= 1, f"the chat joined before step {joined_at} and was first fed in step {first}"
 
 
-@pytest.mark.parametrize("kind, file_type", [("q8_0", 7), ("bf16", 32)])  # LLAMA_FTYPE_MOSTLY_*
+@pytest.mark.parametrize("kind, file_type", [("q8_0", 7), ("bf16", 32), ("iq4_nl", 25)])  # LLAMA_FTYPE_MOSTLY_*
 def test_a_4_bit_gguf_is_served_from_a_copy_made_once(settings, tmp_path, kind, file_type):
     assert gguf_file_type(settings.responder_model) == 3  # the bundled file is Q4_1
     copy = weights_copy(settings.responder_model, tmp_path, kind)
@@ -421,6 +421,23 @@ def test_a_copy_replies_with_the_same_facts(settings, solo, tmp_path, kind):
     engine.warm_up()
     assert engine.weights_path.endswith(f".{kind}.gguf")
     assert _same_replies(["".join(engine.stream(p, LIMITS)) for p in PROMPTS], solo)
+
+
+def test_an_iq4_nl_copy_decodes_replies_in_one_batch_without_crosstalk(settings, tmp_path):
+    """IQ4_NL re-encodes the 4-bit weights into another 4-bit code, so its replies are not the
+    file's (its first here drops "delivery"; README, Measured: Decode): what must hold is that
+    it loads into llama.cpp's repacked kernels and decodes replies together, each from its own
+    prompt, with no other prompt's fact in it."""
+    engine = LlamaCppBackend(settings.responder_model, threads=1, slots=3, ctx_per_slot=512, cpu_weights="iq4_nl",
+                             copies_dir=tmp_path)
+    engine.warm_up()
+    assert engine.weights_path.endswith(".iq4_nl.gguf") and gguf_file_type(engine.weights_path) == 25
+    engine.max_batch_seen = 0
+    replies = _concurrently(engine, PROMPTS)
+    assert all(isinstance(r, str) and r.strip() for r in replies), replies
+    assert engine.max_batch_seen >= 2, "the replies decoded together"
+    for i, reply in enumerate(replies):
+        assert not [f for j, f in enumerate(FACTS) if j != i and f in reply], (i, reply)
 
 
 def test_auto_takes_bf16_only_where_llama_cpp_has_bfloat16_kernels(monkeypatch):

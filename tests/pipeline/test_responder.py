@@ -70,10 +70,11 @@ def test_the_cpu_weights_setting_reaches_the_backend_and_the_reply_cache_key(set
 
     auto = make_backend(settings)
     assert auto.cpu_weights == cpu_weights_for_this_machine() and auto.copies_dir == settings.data_dir / "models"
-    backends = [make_backend(settings.model_copy(update={"responder_cpu_weights": kind})) for kind in ("bf16", "q8_0", "file")]
-    assert [b.cpu_weights for b in backends] == ["bf16", "q8_0", "file"]
+    kinds = ("bf16", "q8_0", "iq4_nl", "file")
+    backends = [make_backend(settings.model_copy(update={"responder_cpu_weights": kind})) for kind in kinds]
+    assert [b.cpu_weights for b in backends] == list(kinds)
     # Replies cached from one must not be served for another.
-    assert len({Responder(b, LIMITS).identity for b in backends}) == 3
+    assert len({Responder(b, LIMITS).identity for b in backends}) == len(kinds)
     penalised = GenerationLimits(max_tokens=24, temperature=0.0, stop=["\nCustomer:"], timeout_s=60, repeat_penalty=1.15)
     assert Responder(auto, LIMITS).identity != Responder(auto, penalised).identity
 

@@ -217,7 +217,7 @@ def test_train_rejects_an_unknown_method(tmp_path):
     ("TANDEM_BATCH_PRIORITY", "10", "TANDEM_BATCH_PRIORITY: Input should be less than or equal to 9"),
     ("TANDEM_RESPONDER_CHAT_SLOTS", "-1", "TANDEM_RESPONDER_CHAT_SLOTS: Input should be greater than or equal to 0"),
     ("TANDEM_RESPONDER_CPU_WEIGHTS", "int4",
-     "TANDEM_RESPONDER_CPU_WEIGHTS: Input should be 'auto', 'bf16', 'q8_0' or 'file'"),
+     "TANDEM_RESPONDER_CPU_WEIGHTS: Input should be 'auto', 'bf16', 'q8_0', 'iq4_nl' or 'file'"),
     ("TANDEM_RESPONDER_PREFIX_CACHE_MB", "-1",
      "TANDEM_RESPONDER_PREFIX_CACHE_MB: Input should be greater than or equal to 0"),
     ("TANDEM_RESPONDER_PREFIX_CACHE_MB", "lots", "TANDEM_RESPONDER_PREFIX_CACHE_MB: Input should be a valid integer"),
