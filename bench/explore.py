@@ -20,6 +20,8 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
   straight through llama.cpp's context API, no scheduler, under the batcher's context settings
   and under plain llama.cpp's, alternating: whether a setting, not the batcher, costs the time
   to first token.
+- ``iq4-nl-e2e``: 64 BANKING77 test tickets drafted end to end (as `bench e2e` drafts them, 64-token
+  drafts) with the gen worker's Q8_0 copy and with the IQ4_NL copy, alternating, two rounds.
 - ``first-token-split``: one grounded stream's time to first token through the batcher against
   the time llama_decode spent on its prompt before it: what the scheduler adds.
 """
@@ -316,6 +318,26 @@ def prefill_params(args) -> None:
               f"{base / median:.2f}x plain llama.cpp's speed (rounds {', '.join(f'{r:.2f}' for r in runs)} s)")
 
 
+def iq4_nl_e2e(args) -> None:
+    from bench.perf import _draft_tickets, _only_system_prompt_cached
+    from pipeline.responder import SYSTEM_PROMPT
+
+    texts, _ = banking77_test(64)
+    pipelines = {kind: _pipeline(max_tokens=64, responder_cpu_weights=kind) for kind in ("q8_0", "iq4_nl")}
+    for pipeline in pipelines.values():
+        pipeline.run("warm up")
+    for round_ in range(2):
+        for kind, pipeline in pipelines.items():
+            engine = pipeline.responder.backend
+            _only_system_prompt_cached(engine, {"role": "system", "content": SYSTEM_PROMPT})
+            pipeline._vectors.clear()  # both understand every ticket afresh
+            generated = engine.tokens_generated
+            row = _draft_tickets(pipeline, texts)
+            print(f"round {round_} {kind}: {row['tickets_per_min']} tickets/min, "
+                  f"{(engine.tokens_generated - generated) / len(texts):.1f} tokens decoded a ticket, "
+                  f"{row['grounded']} of {row['n']} grounded", flush=True)
+
+
 def first_token_split(args) -> None:
     import llama_cpp
 
@@ -356,7 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
-                 "single-stream-phases", "first-token-split"):
+                 "single-stream-phases", "first-token-split", "iq4-nl-e2e"):
         sub.add_parser(name)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
     sub.add_parser("prefill-params").add_argument("--rounds", type=int, default=8)
