@@ -35,7 +35,6 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -223,39 +222,19 @@ def stream_rounds(args) -> None:
 def single_stream_phases(args) -> None:
     from llama_cpp import Llama
 
-    from bench.perf import _only_system_prompt_cached, _prompts, _replies
-    from pipeline.responder import GenerationLimits
+    from bench.perf import _engine_run, _llama_cpp_alone, _prompts, _replies
 
     prompts = _replies(_prompts(16)["grounded"], 1, SimpleNamespace(alone_replies=8, rounds=2))
     engine = _batcher()
     llm = Llama(model_path=engine.weights_path, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    limits = GenerationLimits(max_tokens=64, timeout_s=600)
-
-    def alone(prompt: list[dict]) -> Iterator[str]:
-        for chunk in llm.create_chat_completion(messages=prompt, max_tokens=64, temperature=0.0,
-                                                repeat_penalty=limits.repeat_penalty, stream=True):
-            if chunk["choices"][0]["delta"].get("content"):
-                yield chunk["choices"][0]["delta"]["content"]  # one token a chunk
-
-    def phases(stream: Callable[[list[dict]], Iterator[str]]) -> tuple[float, float, int]:
-        """Median time to first token (ms), tokens/s after it over all replies, and tokens."""
-        first_ms, decoding, tokens = [], 0.0, 0
-        for prompt in prompts:
-            started, first = time.perf_counter(), None
-            for _ in stream(prompt):
-                tokens += 1
-                first = first or time.perf_counter()
-            first_ms.append((first - started) * 1000)
-            decoding += time.perf_counter() - first
-        return statistics.median(first_ms), tokens / decoding, tokens
-
-    for round_ in range(4):
-        llm.create_chat_completion(messages=prompts[-1], max_tokens=4)  # as the decode bench: its last prompt read
-        a = phases(alone)
-        _only_system_prompt_cached(engine, prompts[0][0])
-        b = phases(lambda prompt: engine.stream(prompt, limits))
-        print(f"round {round_}: first token {a[0]:.0f} ms alone, {b[0]:.0f} ms batcher ({a[0] / b[0]:.2f}x); "
-              f"after it {a[1]:.1f} and {b[1]:.1f} tokens/s ({b[1] / a[1]:.2f}x); tokens {a[2]} and {b[2]}")
+    for round_ in range(4):  # the phases bench decode keeps for each of its pairs
+        a = _llama_cpp_alone(llm, prompts, 64)["phases"]
+        b = _engine_run(engine, prompts, 1, 64)["phases"]
+        first_a, first_b = a["first_token_ms_p50"], b["first_token_ms_p50"]
+        after_a, after_b = a["tokens_per_s_after_first"], b["tokens_per_s_after_first"]
+        print(f"round {round_}: first token {first_a:.0f} ms alone, {first_b:.0f} ms batcher ({first_a / first_b:.2f}x); "
+              f"after it {after_a:.1f} and {after_b:.1f} tokens/s ({after_b / after_a:.2f}x); "
+              f"tokens {a['tokens']} and {b['tokens']}")
 
 
 def prefill_params(args) -> None:

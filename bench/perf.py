@@ -189,8 +189,7 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
     limits = GenerationLimits(max_tokens=max_tokens, timeout_s=600)
     pending = list(prompts)
     lock = threading.Lock()
-    first_token: list[float] = []
-    replies: list[tuple[float | None, float, int]] = []
+    replies: list[tuple[float | None, float, int]] = []  # (seconds to first text or None, in all, pieces)
 
     def client() -> None:
         while True:
@@ -202,7 +201,6 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
             for pieces, _ in enumerate(engine.stream(prompt, limits), 1):
                 if pieces == 1:
                     first = time.perf_counter() - t0
-                    first_token.append(first * 1000)
             replies.append((first, time.perf_counter() - t0, pieces))
 
     _only_system_prompt_cached(engine, prompts[0][0])
@@ -217,7 +215,8 @@ def _engine_run(engine, prompts: list[list[dict]], concurrency: int, max_tokens:
     seconds = time.perf_counter() - started
     tokens = engine.tokens_generated - before
     return {"streams": concurrency, "replies": len(prompts), "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(first_token), 1),
+            "tokens_per_s": round(tokens / seconds, 1), "first_token_ms_p50": round(statistics.median(
+                f * 1000 for f, _, _ in replies if f is not None), 1),
             "prompt_tokens_reused": engine.prefix_tokens_reused - reused,
             # what the run's forward passes computed besides the reply: every prompt token not reused
             "prompt_tokens_computed": prompt_tokens - (engine.prefix_tokens_reused - reused),
@@ -430,7 +429,8 @@ def _weights_ab(served, others: dict, prompts: list[list[dict]], args) -> dict:
     """The weights served against each of ``others`` (kind -> batcher), alternating runs at 1
     and at the most streams: tokens/s of each, and the median of the served-over-other ratios."""
     runs: dict[str, list[dict]] = {}
-    tokens: dict[str, dict[str, int]] = {}  # replies written on other weights differ, and so do their lengths
+    # the last pair's tokens at each level: replies written on other weights differ, and so do their lengths
+    tokens: dict[str, dict[str, int]] = {}
     for _ in range(args.pairs):
         for level in (1, max(args.levels)):
             results = {name: _engine_run(engine, _replies(prompts, level, args), level, args.max_tokens)
