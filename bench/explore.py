@@ -24,6 +24,9 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
   drafts) with the gen worker's Q8_0 copy and with the IQ4_NL copy, alternating, two rounds.
 - ``first-token-split``: one grounded stream's time to first token through the batcher against
   the time llama_decode spent on its prompt before it: what the scheduler adds.
+- ``worker-memory``: a gen worker's memory as it is built, stage by stage (imports, the BERT side,
+  the generator, then 16 concurrent grounded replies twice), resident and of it anonymous and
+  file-backed (the GGUF copy is mapped from disk): where the **Serving** block's peak RSS goes.
 """
 
 from __future__ import annotations
@@ -353,11 +356,45 @@ def first_token_split(args) -> None:
         llama_cpp.llama_decode = decode
 
 
+def worker_memory(args) -> None:
+    import threading
+
+    def resident(stage: str) -> None:
+        sizes = {}
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, *value = line.split()
+            sizes[key.rstrip(":")] = int(value[0]) // 1024 if value and value[0].isdigit() else 0
+        print(f"{stage:<34} RSS {sizes['Rss']:>5} MB  anonymous {sizes['Anonymous']:>5} MB  files "
+              f"{sizes['Rss'] - sizes['Anonymous']:>4} MB  torch imported: {'torch' in sys.modules}", flush=True)
+
+    resident("python, bench.explore")
+    import workers.tasks  # noqa: F401 (what a worker imports before it loads models)
+
+    resident("workers.tasks imported")
+    pipeline = _pipeline(load_responder=False)
+    resident("encoder, intent model, index")
+    pipeline.responder.warm_up()
+    resident("generator (weights, KV cache)")
+    understood = pipeline.understand([q["question"] for q in _questions()[:32]])
+
+    def reply(understanding) -> None:
+        for _ in pipeline.respond(understanding):
+            pass
+
+    for round_, rows in enumerate((understood[:16], understood[16:])):
+        threads = [threading.Thread(target=reply, args=(u,)) for u in rows]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        resident(f"16 concurrent replies, round {round_ + 1}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
-                 "single-stream-phases", "first-token-split", "iq4-nl-e2e"):
+                 "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory"):
         sub.add_parser(name)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
     sub.add_parser("prefill-params").add_argument("--rounds", type=int, default=8)

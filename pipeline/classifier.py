@@ -30,14 +30,16 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from scipy.sparse import csr_matrix
 
 from pipeline.encoder import SentenceEncoder
 from pipeline.errors import InputError, ModelLoadError
+
+if TYPE_CHECKING:  # torch trains; a served model is numpy alone, and a worker spares torch's memory
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +438,8 @@ def _tune_threshold(probs: np.ndarray, y: np.ndarray, classes: list[str], config
 def _train_encoder(encoder: SentenceEncoder, texts: list[str], y: np.ndarray, n_classes: int,
                    config: TrainConfig, progress: Progress):
     """Fine-tune the encoder (or peft adapters on it) together with a linear head."""
+    import torch
+
     torch.manual_seed(config.seed)
     model = encoder.model
     peft_model = None
@@ -478,6 +482,7 @@ def _train_encoder(encoder: SentenceEncoder, texts: list[str], y: np.ndarray, n_
 
 def _peft_model(model: torch.nn.Module, config: TrainConfig):
     """Wrap the encoder in a peft model whose only trainable weights are the method's adapter."""
+    import torch
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
     if config.method == "lora":

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import AutoModel, AutoTokenizer
 
 from pipeline.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,13 @@ class SentenceEncoder:
         self.batch_size = batch_size  # messages in a batch, at most
         self.batch_tokens = batch_tokens  # padded tokens in a batch, at most (0: no budget)
         self.max_length = max_length
-        self._tokenizer = None
+        self._tokenizer = None  # transformers' tokenizer, for the torch paths (training, export)
         self._model = None
+        # Read from the model's folder without loading the model: a worker served by ONNX Runtime
+        # never imports torch (280 MB of its memory; transformers' tokenizer classes import it too).
+        self._width: int | None = None
+        self._token_ids: Callable[[list[str]], list[list[int]]] | None = None
+        self._pad_id = 0
         self._onnx = None  # an onnxruntime session, once use_onnx_int8 has made one
         self._onnx_pool: ThreadPoolExecutor | None = None  # runs the session's batches side by side
         self._int8_attention = False
@@ -81,8 +86,8 @@ class SentenceEncoder:
 
     @property
     def dim(self) -> int:
-        self.warm_up()
-        return self._model.config.hidden_size
+        self._read_folder()
+        return self._width
 
     @property
     def runtime(self) -> str:
@@ -94,21 +99,60 @@ class SentenceEncoder:
     @property
     def identity(self) -> str:
         """Names the encoder an index was built with; a different one cannot search it."""
-        self.warm_up()  # the pooling is read from the model's folder: "mean" until then
+        self._read_folder()  # the pooling is read from the model's folder: "mean" until then
         return f"{Path(self.model_name).name}:{self.pooling}:{self.tag}"
 
     def warm_up(self) -> None:
+        """Load what encoding needs: the tokenizer, and the torch model unless ONNX Runtime runs it."""
+        self._read_folder()
+        if self._onnx is None:
+            self._load_model()
+
+    def _load_model(self) -> None:
         if self._model is not None:
             return
+        from transformers import AutoModel
+
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_name)
             self._model = AutoModel.from_pretrained(self.model_name).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load encoder {self.model_name!r}: {exc}") from None
-        pooling_config = Path(self.model_name) / "1_Pooling" / "config.json"
+
+    def _read_folder(self) -> None:
+        """The encoder's width, pooling and token ids. From a local folder with a tokenizer.json
+        (as sentence-transformers folders have) by the ``tokenizers`` library alone, which gives
+        the ids transformers' tokenizer gives (all 13,090 BANKING77 messages, checked 2026-12-07);
+        otherwise (a Hugging Face id, or a folder without one) through transformers."""
+        if self._token_ids is not None:
+            return
+        folder = Path(self.model_name)
+        try:
+            if (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file():
+                from tokenizers import Tokenizer
+
+                tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+                self._width = json.loads((folder / "config.json").read_text())["hidden_size"]
+                self._pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0  # masked: any id would do
+                tokenizer.no_padding()  # ``batches`` pads each batch to its longest message
+                tokenizer.enable_truncation(self.max_length)
+
+                def token_ids(texts: list[str]) -> list[list[int]]:
+                    return [e.ids for e in tokenizer.encode_batch(texts)]
+            else:
+                from transformers import AutoConfig
+
+                self._width = AutoConfig.from_pretrained(self.model_name).hidden_size
+                self._pad_id = self.tokenizer.pad_token_id or 0
+
+                def token_ids(texts: list[str]) -> list[list[int]]:
+                    return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ModelLoadError(f"cannot load encoder {self.model_name!r}: {exc}") from None
+        pooling_config = folder / "1_Pooling" / "config.json"
         if pooling_config.is_file():
             config = json.loads(pooling_config.read_text())
             self.pooling = "cls" if config.get("pooling_mode_cls_token") else "mean"
+        self._token_ids = token_ids
 
     def use_model(self, model: torch.nn.Module, tag: str = "") -> None:
         """Swap in a fine-tuned copy of the encoder (same tokenizer)."""
@@ -123,6 +167,8 @@ class SentenceEncoder:
 
         Inference only: the quantized layers cannot train. The identity stays the same because
         the vectors stay interchangeable with fp32 ones (settings.encoder_int8_attention)."""
+        import torch
+
         names = {name for name, module in self.model.named_modules()
                  if isinstance(module, torch.nn.Linear) and ".attention." in f".{name}."}
         # In place: a copy would hold a second encoder in memory while it is made. Torch 2.13
@@ -140,9 +186,9 @@ class SentenceEncoder:
         go to int8: the attention scores (an activation times an activation) stay fp32, which
         cost accuracy in int8. Inference only, like quantize_attention; the vectors stay close
         to fp32 ones (settings.encoder_onnx_int8 has the figures). ``threads`` batches run side
-        by side, one thread each (default: torch's thread count). False, with a warning, where
-        the model cannot be exported; the encoder then stays on torch."""
-        self.warm_up()  # the pooling is read from the model's folder
+        by side, one thread each (default: one per core this process may use). False, with a
+        warning, where the model cannot be exported; the encoder then stays on torch."""
+        self._read_folder()  # the pooling is read from the model's folder
         source = Path(self.model_name).resolve()
         weights = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
         stamp = ":".join(f"{w}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights) or str(source)
@@ -163,11 +209,14 @@ class SentenceEncoder:
         # exploratory, 2026-12-01) two one-thread runs side by side encoded 1.19x as fast as one
         # two-thread run at a batch of 16, and one message took 7.5 ms against 6.6 ms.
         self._onnx = onnx_session(target, threads_per_run=1)
-        self._onnx_pool = ThreadPoolExecutor(threads or torch.get_num_threads(), thread_name_prefix="encoder")
+        self._onnx_pool = ThreadPoolExecutor(threads or len(os.sched_getaffinity(0)), thread_name_prefix="encoder")
+        self._model = None  # the ONNX copy serves; torch's weights would only hold memory
         return True
 
     def _run_torch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        with self._lock:
+        import torch
+
+        with self._lock, torch.inference_mode():
             return self.forward({k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}).cpu().numpy()
 
     def _run_onnx(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -178,8 +227,9 @@ class SentenceEncoder:
         """``texts`` as padded batches, longest messages first: (their positions in ``texts``,
         {"input_ids", "attention_mask"} as int64 arrays). A batch holds at most batch_size
         messages and, past its first, at most batch_tokens padded tokens."""
+        self._read_folder()
         with self._tokenizer_lock:  # a fast tokenizer refuses concurrent use ("Already borrowed")
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+            ids = self._token_ids(texts)
         order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         batches = []
         start = 0
@@ -187,7 +237,7 @@ class SentenceEncoder:
             width = len(ids[order[start]])  # the longest in the batch: the others pad to it
             size = min(self.batch_size, max(1, self.batch_tokens // width)) if self.batch_tokens else self.batch_size
             rows = order[start:start + size]
-            input_ids = np.full((len(rows), width), self.tokenizer.pad_token_id or 0, np.int64)
+            input_ids = np.full((len(rows), width), self._pad_id, np.int64)
             mask = np.zeros((len(rows), width), np.int64)
             for row, i in enumerate(rows):
                 input_ids[row, :len(ids[i])] = ids[i]
@@ -198,7 +248,19 @@ class SentenceEncoder:
 
     def _export_int8(self, target: Path) -> None:
         import onnx
+        import torch
         from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        class Pooled(torch.nn.Module):
+            """The encoder with its pooling and normalisation, as one graph to export."""
+
+            def __init__(self, encoder: SentenceEncoder):
+                super().__init__()
+                self.encoder = encoder
+                self.model = encoder.model
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                return self.encoder.forward({"input_ids": input_ids, "attention_mask": attention_mask})
 
         target.parent.mkdir(parents=True, exist_ok=True)
         fp32 = target.with_name(f"{target.name}.{os.getpid()}.fp32")
@@ -207,7 +269,7 @@ class SentenceEncoder:
             sample = self.tokenize(["a sample message to trace", "hi"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes on control flow it does not need
-                torch.onnx.export(_Pooled(self), (sample["input_ids"], sample["attention_mask"]), str(fp32),
+                torch.onnx.export(Pooled(self), (sample["input_ids"], sample["attention_mask"]), str(fp32),
                                   input_names=["input_ids", "attention_mask"], output_names=["vectors"],
                                   dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
                                                 "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
@@ -229,12 +291,21 @@ class SentenceEncoder:
 
     @property
     def model(self) -> torch.nn.Module:
-        self.warm_up()
+        """The torch model (loaded on first use where ONNX Runtime serves the encoder)."""
+        self._read_folder()  # forward pools as the folder says
+        self._load_model()
         return self._model
 
     @property
     def tokenizer(self):
-        self.warm_up()
+        """transformers' tokenizer, for the torch paths: training, export, saving a fine-tuned encoder."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot load encoder {self.model_name!r}: {exc}") from None
         return self._tokenizer
 
     def tokenize(self, texts: list[str], tensors: str = "pt") -> dict:
@@ -250,13 +321,14 @@ class SentenceEncoder:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised sentence vectors for a tokenised batch (with gradients when training)."""
+        import torch
+
         hidden = self.model(**batch).last_hidden_state
         # A prompt-tuned model prepends its virtual tokens to the output sequence: pool over the
         # message's own tokens (the last ones), which line up with the attention mask.
         hidden = hidden[:, hidden.shape[1] - batch["attention_mask"].shape[1]:]
         return torch.nn.functional.normalize(self.pool(hidden, batch["attention_mask"]).float(), dim=-1)
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], progress=None) -> np.ndarray:
         """(n, dim) float32 vectors, in length-sorted batches; ``progress(n_done)`` is called per batch."""
         if not texts:
@@ -295,18 +367,6 @@ class _DropRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
-
-
-class _Pooled(torch.nn.Module):
-    """The encoder with its pooling and normalisation, as one graph to export."""
-
-    def __init__(self, encoder: SentenceEncoder):
-        super().__init__()
-        self.encoder = encoder
-        self.model = encoder.model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
 class VectorCache:

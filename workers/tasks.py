@@ -66,11 +66,14 @@ def load_worker_pipeline() -> HybridPipeline:
     queues = worker_queues()
     if _pipeline is None:  # the worker_init handler calls this again, on the models already loaded
         log.info("loading models for queues %s", queues)
-        if _settings().encoder_threads:
-            import torch
+    pipeline = get_pipeline(with_responder="gen" in queues)
+    # ONNX Runtime takes the thread count from the pipeline; only an encoder on torch needs torch
+    # told, and importing torch for nothing would cost the worker 280 MB.
+    if _settings().encoder_threads and pipeline.encoder.runtime != "onnxruntime-int8":
+        import torch
 
-            torch.set_num_threads(_settings().encoder_threads)
-    return get_pipeline(with_responder="gen" in queues)
+        torch.set_num_threads(_settings().encoder_threads)
+    return pipeline
 
 
 @worker_init.connect

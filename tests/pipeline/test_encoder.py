@@ -115,3 +115,24 @@ def test_an_encoder_built_in_code_refuses_batches_that_could_never_be_cut():
         SentenceEncoder("any", batch_size=0)
     with pytest.raises(ValueError, match="batch_tokens >= 0"):
         SentenceEncoder("any", batch_tokens=-1)
+
+
+def test_token_ids_read_without_transformers_are_the_ones_its_tokenizer_gives(encoder, tmp_path):
+    """A sentence-transformers folder is tokenized by the ``tokenizers`` library alone (no torch in
+    a worker); a folder without tokenizer.json goes through transformers. Both give its ids."""
+    import shutil
+
+    from pipeline.encoder import SentenceEncoder
+
+    texts = ["I LOST my card!!!", "word " * 300, "Ünïcödé £5 → Cards → Security", "😀" * 40, " ", "a\tb\nc"]
+    expected = encoder.tokenizer(texts, truncation=True, max_length=128)["input_ids"]
+    without = tmp_path / "no-tokenizer-json"
+    shutil.copytree(encoder.model_name, without, ignore=shutil.ignore_patterns("tokenizer.json", "*.safetensors"))
+    for folder in (encoder.model_name, without):
+        light = SentenceEncoder(str(folder))
+        ids = [[] for _ in texts]
+        for rows, arrays in light.batches(texts):
+            for row, i in enumerate(rows):
+                ids[i] = arrays["input_ids"][row][arrays["attention_mask"][row] == 1].tolist()
+        assert ids == expected, folder
+        assert light.dim == 384 and light._model is None, "reading the folder loads no model"

@@ -521,3 +521,14 @@ def _openai_content(tokens: list, done: dict) -> str:
     return asyncio.run(content())
 
 
+
+
+def test_the_api_process_does_not_import_torch():
+    """The API only checks messages and reads Redis: importing torch (through the pipeline's
+    encoder module, as it once did) would hold 270 MB in it for nothing."""
+    import subprocess
+    import sys
+
+    code = "import sys, services.api, services.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,16 @@ def test_one_message_through_the_chain_streams_events_in_order(workers, redis_cl
     assert {"reply", "grounded", "escalate", "timings_ms", "intent", "confidence"} <= set(done)
     assert shown_text(events) == done["reply"]  # the guard's quoted answer streams too
     assert redis_client.ttl(STREAM_KEY.format(reply_id)) > 0, "reply streams expire"
+
+
+def test_workers_served_by_onnx_runtime_never_load_torch(workers, redis_client):
+    """torch is 280 MB of a worker's memory and serves nothing once ONNX Runtime runs the encoder:
+    the intent model is numpy and the generator llama.cpp."""
+    reply_id = submit_message("Can I top up by bank transfer?", use_cache=False)
+    assert events_of(redis_client, reply_id)[-1][1] == "done"
+    for queue in ("nlu", "gen"):
+        maps = Path(f"/proc/{workers.processes[queue].pid}/maps").read_text()
+        assert "onnxruntime" in maps and "libtorch" not in maps, f"the {queue} worker loaded torch"
 
 
 def shown_text(events: list[tuple[str, str, dict]]) -> str:
@@ -627,7 +638,9 @@ def test_a_chat_goes_ahead_of_the_chunks_a_batch_job_queued(workers, worker_sett
         workers.start("nlu", wait=False)
     try:
         # The counter only grows: read just after the reply's first event, it bounds what was done before.
-        wait_until(lambda: redis_client.xlen(STREAM_KEY.format(reply_id)) > 0, 180, "the chat's reply")
+        # A blocking read returns as that event lands; polling every 0.2 s let the job's chunks (tens of
+        # ms each on the ONNX encoder) run on meanwhile and count against the chat.
+        assert redis_client.xread({STREAM_KEY.format(reply_id): "0-0"}, count=1, block=180_000), "no reply"
         done_first = int(redis_client.get(progress_key) or 0)
         thread.join(120)
     finally:
