@@ -24,6 +24,7 @@ kernels, is faster still there, but moves the weights, so it is asked for, not c
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import contextlib
 import ctypes
@@ -203,6 +204,8 @@ class LlamaCppBackend:
         self._recent: deque[tuple[int, ...]] = deque(maxlen=_RECENT_PROMPTS)
         self.prefix_tokens_reused = 0  # for tests and benchmarks
         self._model = None
+        self._batcher: threading.Thread | None = None
+        self._closing = False
         self.max_batch_seen = 0  # for tests and benchmarks
         self.tokens_generated = 0
 
@@ -262,7 +265,21 @@ class LlamaCppBackend:
                                                      add_generation_prompt=False)
         self._piece = ctypes.create_string_buffer(64)
         self._model = model
-        threading.Thread(target=self._run, name="llama-cpp-batcher", daemon=True).start()
+        self._batcher = threading.Thread(target=self._run, name="llama-cpp-batcher", daemon=True)
+        self._batcher.start()
+        atexit.register(self._stop_batcher)
+
+    def _stop_batcher(self) -> None:
+        """End the batcher after its current step, before the interpreter exits. A reader that
+        stops early (the guard ends a draft that goes off track) leaves it decoding one more
+        step, and one still running on llama.cpp's threads when exit destroys llama.cpp's static
+        state crashed the process after the reply was out: `tandem ask` exited with SIGSEGV (in
+        ggml_cpu_extra_compute_forward) in 4 of 8 runs on a Xeon with AMX (2026-12-07)."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._batcher is not None and self._batcher is not threading.current_thread():
+            self._batcher.join(timeout=30)
 
     # -- the caller's side -----------------------------------------------------------------
     def stream(self, messages: list[dict], limits) -> Iterator[str]:
@@ -329,8 +346,10 @@ class LlamaCppBackend:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._active:
+                while not self._waiting and not self._active and not self._closing:
                     self._wake.wait()
+                if self._closing:
+                    return
                 self._admit()
             try:
                 self._step()

@@ -35,10 +35,10 @@ err = Console(stderr=True)
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # Read by transformers (and huggingface_hub) when a command imports them, if it does: importing
+    # transformers here to quiet it cost every worker and the API 46 MB, and none of them uses it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def friendly(command: Callable) -> Callable:
