@@ -24,6 +24,9 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
   drafts) with the gen worker's Q8_0 copy and with the IQ4_NL copy, alternating, two rounds.
 - ``first-token-split``: one grounded stream's time to first token through the batcher against
   the time llama_decode spent on its prompt before it: what the scheduler adds.
+- ``query-likelihood``: the grounding questions' fused top 3 articles reranked by the decoder's
+  likelihood of the question given each one's passage (UPR), against the fused ranking: how often
+  the question's own article comes first, on the set's two halves, with two prompt wordings.
 - ``worker-memory``: a gen worker's memory as it is built, stage by stage (imports, the BERT side,
   the generator, then 16 concurrent grounded replies twice), resident and of it anonymous and
   file-backed (the GGUF copy is mapped from disk): where the **Serving** block's peak RSS goes.
@@ -356,6 +359,43 @@ def first_token_split(args) -> None:
         llama_cpp.llama_decode = decode
 
 
+def query_likelihood(args) -> None:
+    from llama_cpp import Llama
+
+    from pipeline.llama_cpp_backend import weights_for_plain_llama_cpp
+
+    settings = Settings()
+    pipeline = _pipeline(load_responder=False)
+    llm = Llama(model_path=weights_for_plain_llama_cpp(settings.responder_model, settings.data_dir / "models"),
+                n_ctx=1024, logits_all=True, n_threads=os.cpu_count(), verbose=False)
+    prompts = {"plain": "Help article:\n{passage}\n\nA customer question this article answers:",
+               "chat": "<|im_start|>user\nRead this help article and write a question a customer might ask that "
+                       "it answers.\n\n{passage}<|im_end|>\n<|im_start|>assistant\n"}
+
+    def log_likelihood(prefix: str, question: str) -> float:
+        head = llm.tokenize(prefix.encode(), add_bos=False, special=True)
+        asked = llm.tokenize((" " + question).encode(), add_bos=False)
+        llm.reset()
+        llm.eval(head + asked)
+        logits = np.asarray(llm.scores[len(head) - 1:len(head) + len(asked) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        return float((logits[np.arange(len(asked)), asked] - log_norm).sum())
+
+    questions = _questions()
+    for half in ("ga", "gb"):
+        part = [q for q in questions if q["id"].startswith(half)]
+        understood = pipeline.understand([q["question"] for q in part])
+        found = [(u.passages, q) for u, q in zip(understood, part) if u.passages]
+        fused = np.mean([passages[0].article_id == q["article_id"] for passages, q in found])
+        for name, prompt in prompts.items():
+            first = [max(passages, key=lambda p: log_likelihood(prompt.format(passage=p.text), q["question"]))
+                     for passages, q in found]
+            reranked = np.mean([p.article_id == q["article_id"] for p, (_, q) in zip(first, found)])
+            print(f"{half} ({len(found)} questions): first is the question's article: fused {fused:.3f}, "
+                  f"reranked by query likelihood ({name} prompt) {reranked:.3f}", flush=True)
+
+
 def worker_memory(args) -> None:
     import threading
 
@@ -394,7 +434,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
-                 "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory"):
+                 "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory", "query-likelihood"):
         sub.add_parser(name)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
     sub.add_parser("prefill-params").add_argument("--rounds", type=int, default=8)
