@@ -362,6 +362,7 @@ def first_token_split(args) -> None:
 def query_likelihood(args) -> None:
     from llama_cpp import Llama
 
+    from pipeline.classifier import _log_softmax
     from pipeline.llama_cpp_backend import weights_for_plain_llama_cpp
 
     settings = Settings()
@@ -378,9 +379,7 @@ def query_likelihood(args) -> None:
         llm.reset()
         llm.eval(head + asked)
         logits = np.asarray(llm.scores[len(head) - 1:len(head) + len(asked) - 1], dtype=np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        return float((logits[np.arange(len(asked)), asked] - log_norm).sum())
+        return float(_log_softmax(logits)[np.arange(len(asked)), asked].sum())
 
     questions = _questions()
     for half in ("ga", "gb"):

@@ -146,6 +146,8 @@ class SentenceEncoder:
 
                 def token_ids(texts: list[str]) -> list[list[int]]:
                     return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        except ModelLoadError:  # from the tokenizer property, already saying which encoder
+            raise
         except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ModelLoadError(f"cannot load encoder {self.model_name!r}: {exc}") from None
         pooling_config = folder / "1_Pooling" / "config.json"
