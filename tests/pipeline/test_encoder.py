@@ -136,3 +136,18 @@ def test_token_ids_read_without_transformers_are_the_ones_its_tokenizer_gives(en
                 ids[i] = arrays["input_ids"][row][arrays["attention_mask"][row] == 1].tolist()
         assert ids == expected, folder
         assert light.dim == 384 and light._model is None, "reading the folder loads no model"
+
+
+def test_a_corrupt_tokenizer_json_is_a_clear_error_naming_the_encoder(encoder, tmp_path):
+    import shutil
+
+    import pytest
+
+    from pipeline.encoder import SentenceEncoder
+    from pipeline.errors import ModelLoadError
+
+    broken = tmp_path / "broken-encoder"
+    shutil.copytree(encoder.model_name, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=f"cannot load encoder '{broken}'"):
+        SentenceEncoder(str(broken)).encode(["I lost my card"])
