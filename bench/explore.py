@@ -30,6 +30,11 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
 - ``worker-memory``: a gen worker's memory as it is built, stage by stage (imports, the BERT side,
   the generator, then 16 concurrent grounded replies twice), resident and of it anonymous and
   file-backed (the GGUF copy is mapped from disk): where the **Serving** block's peak RSS goes.
+- ``kv-cache``: the batcher with an f16 and a q8_0 KV cache (``TANDEM_RESPONDER_KV_CACHE``), in
+  alternation at 1, 8 and 16 short and grounded streams: tokens/s, the resident memory each
+  context added when it was built, and how many of the 16 grounded replies the two write alike.
+- ``kv-cache-grounding``: the grounding set (llama_cpp, drafts in full, as `bench grounding` runs it)
+  with an f16 and a q8_0 KV cache: key-fact recall and unsupported numbers before and after the guard.
 """
 
 from __future__ import annotations
@@ -429,12 +434,57 @@ def worker_memory(args) -> None:
         resident(f"16 concurrent replies, round {round_ + 1}")
 
 
+def kv_cache(args) -> None:
+    from bench.perf import _engine_run, _prompts, _replies
+    from pipeline.responder import GenerationLimits
+
+    def anonymous_mb() -> int:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) // 1024
+        return 0
+
+    workloads = _prompts(32)
+    sizes = SimpleNamespace(alone_replies=8, rounds=2)
+    engines, added = {}, {}
+    for kind in ("f16", "q8_0"):
+        before = anonymous_mb()
+        engines[kind] = _batcher(kv_cache=kind)
+        added[kind] = anonymous_mb() - before
+    print("anonymous memory each batcher added (MB):", added, flush=True)
+    limits = GenerationLimits(max_tokens=64)
+    texts = {kind: ["".join(engine.stream(p, limits)) for p in workloads["grounded"][:16]]
+             for kind, engine in engines.items()}
+    print("grounded replies alike:", sum(a == b for a, b in zip(texts["f16"], texts["q8_0"])), "of 16", flush=True)
+    for workload in ("short", "grounded"):
+        for level in (1, 8, 16):
+            runs: dict[str, list[float]] = {kind: [] for kind in engines}
+            for _ in range(args.rounds):
+                for kind, engine in engines.items():
+                    runs[kind].append(_engine_run(engine, _replies(workloads[workload], level, sizes), level, 64)["tokens_per_s"])
+            ratio = statistics.median(a / b for a, b in zip(runs["q8_0"], runs["f16"]))
+            print(workload, level, "streams, tokens/s", runs, "q8_0 over f16 (median of rounds):", round(ratio, 3), flush=True)
+
+
+def kv_cache_grounding(args) -> None:
+    from pipeline.evaluation import grounding_eval
+
+    for kind in ("f16", "q8_0"):
+        pipeline = _pipeline(responder_kv_cache=kind, guard_stop_early=False)
+        started = time.perf_counter()
+        report = grounding_eval(pipeline, _questions())
+        report.pop("rows")
+        print(kind, round(time.perf_counter() - started, 1), "s", json.dumps(report), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
-                 "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory", "query-likelihood"):
+                 "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory", "query-likelihood",
+                 "kv-cache-grounding"):
         sub.add_parser(name)
+    sub.add_parser("kv-cache").add_argument("--rounds", type=int, default=3)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
     sub.add_parser("prefill-params").add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()

@@ -49,6 +49,7 @@ _DONE = object()  # end-of-reply marker in a reply's queue
 # anything but BF16, an IQ4_NL copy of anything but IQ4_NL.
 _NO_COPY = {"q8_0": {0, 1, 7, 32}, "bf16": {32}, "iq4_nl": {25}}
 CPU_WEIGHTS = ("auto", "bf16", "q8_0", "iq4_nl", "file")
+KV_CACHE_TYPES = ("f16", "q8_0")
 _RECENT_PROMPTS = 64  # prompts remembered (as tokens) to find the beginnings they share
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,13 @@ class LlamaCppBackend:
 
     def __init__(self, model_path: str, threads: int | None = None, slots: int = 16, ctx_per_slot: int = 1024,
                  prefill_chunk: int = 128, prefix_cache_mb: int = 128, gpu_layers: int = 0,
-                 cpu_weights: str = "file", copies_dir: Path | None = None, chat_slots: int = 0):
+                 cpu_weights: str = "file", copies_dir: Path | None = None, chat_slots: int = 0,
+                 kv_cache: str = "f16"):
         if cpu_weights not in CPU_WEIGHTS:
             raise ValueError(f"cpu_weights must be one of {CPU_WEIGHTS}, not {cpu_weights!r}")
+        if kv_cache not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_TYPES}, not {kv_cache!r}")
+        self.kv_cache = kv_cache
         self.model_path = model_path
         # What a CPU serves: "bf16" or "q8_0" (a copy of the file in copies_dir), or "file". On a
         # GPU llama.cpp's own 4-bit kernels batch well, and a copy would take more of its memory.
@@ -249,6 +254,11 @@ class LlamaCppBackend:
         # grounded replies this beat a unified cache by 1.25x (whose attention reads every
         # reply's cells), and matched it on short ones (2 cores, 2026-11-22).
         params.kv_unified = False
+        if self.kv_cache == "q8_0":
+            # llama.cpp reads a quantized V cache only inside flash attention, so ask for it rather
+            # than leave it to "auto", which would refuse the context where it resolves otherwise.
+            params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
         self._llama = llama_cpp
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)

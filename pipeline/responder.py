@@ -238,7 +238,7 @@ def make_backend(settings) -> GenerationBackend:
                                ctx_per_slot=settings.responder_ctx_per_slot, gpu_layers=settings.responder_gpu_layers,
                                prefix_cache_mb=settings.responder_prefix_cache_mb,
                                cpu_weights=settings.responder_cpu_weights, copies_dir=settings.data_dir / "models",
-                               chat_slots=settings.responder_chat_slots)
+                               chat_slots=settings.responder_chat_slots, kv_cache=settings.responder_kv_cache)
     if settings.responder_backend == "transformers":
         return TransformersBackend(settings.responder_model, device=settings.responder_device,
                                    gguf_file=settings.responder_gguf_file)
