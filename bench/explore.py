@@ -35,6 +35,10 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
   context added when it was built, and how many of the 16 grounded replies the two write alike.
 - ``kv-cache-grounding``: the grounding set (llama_cpp, drafts in full, as `bench grounding` runs it)
   with an f16 and a q8_0 KV cache: key-fact recall and unsupported numbers before and after the guard.
+- ``number-binding``: a check the guard does not make, tried on the drafts and replies `bench grounding`
+  saved: a number said with the words that follow it in the passage beside another number of its
+  kind ("0.5% at weekends" where the passage says "1% at weekends"), i.e. two given numbers swapped.
+  How many drafts and final replies it flags, per backend, and whether it flags any article against itself.
 """
 
 from __future__ import annotations
@@ -477,12 +481,55 @@ def kv_cache_grounding(args) -> None:
         print(kind, round(time.perf_counter() - started, 1), "s", json.dumps(report), flush=True)
 
 
+def number_binding(args) -> None:
+    import re
+
+    from pipeline.guard import _NUMBER, _STEP_NUMBER, in_digits, numbers_in
+
+    def bound(text: str) -> list[tuple[str, tuple[str, ...]]]:
+        """Each number (with its kind, as the guard reads it) and the two words after it in its clause."""
+        text = _STEP_NUMBER.sub(" ", in_digits(text, but=("one",)))
+        out = []
+        for match in _NUMBER.finditer(text):
+            clause = re.split(r"[.,;:!?()\n–—-]", text[match.end(): match.end() + 40])[0]
+            words = tuple(re.findall(r"[a-z]+(?:'[a-z]+)?", clause.lower())[:2])
+            if len(words) == 2 and (value := numbers_in(match.group(0))):
+                out.append((value.pop(), words))
+        return out
+
+    def swapped(reply: str, source: str) -> list[str]:
+        given = bound(source)
+        flags = []
+        for value, words in bound(reply):
+            beside = {v for v, w in given if w == words}
+            if beside and value not in beside and any(v.rstrip("0123456789.:") == value.rstrip("0123456789.:")
+                                                      for v in beside):
+                flags.append(f"{value} {' '.join(words)} (the passage: {', '.join(sorted(beside))})")
+        return flags
+
+    pipeline = _pipeline(load_responder=False)
+    questions = _questions()
+    sources = {q["id"]: "\n".join(f"{p.title}\n{p.text}" for p in u.passages[: pipeline.settings.max_passages_in_prompt])
+               for q, u in zip(questions, pipeline.understand([q["question"] for q in questions]))}
+    print("articles flagged against themselves:",
+          sum(bool(swapped(f"{a.title}\n{a.body}", f"{a.title}\n{a.body}")) for a in pipeline.index.articles.values()))
+    saved = json.loads((Path(__file__).parent / "results" / "grounding.json").read_text())
+    for backend, rows in saved["rows"].items():
+        drafts = replies = 0
+        for row in rows:
+            in_draft, in_reply = swapped(row["draft"], sources[row["id"]]), swapped(row["reply"], sources[row["id"]])
+            drafts, replies = drafts + bool(in_draft), replies + bool(in_reply)
+            if in_draft or in_reply:
+                print(f"  {backend} {row['id']}: draft {in_draft}, reply {in_reply}")
+        print(f"{backend}: {drafts} drafts and {replies} final replies flagged of {len(rows)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
                  "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory", "query-likelihood",
-                 "kv-cache-grounding"):
+                 "kv-cache-grounding", "number-binding"):
         sub.add_parser(name)
     sub.add_parser("kv-cache").add_argument("--rounds", type=int, default=3)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
