@@ -65,7 +65,7 @@ def test_llama_cpp_enforces_the_timeout(llama):
         list(llama.stream(MESSAGES, GenerationLimits(max_tokens=200, timeout_s=0.0)))
 
 
-def test_the_cpu_weights_setting_reaches_the_backend_and_the_reply_cache_key(settings):
+def test_the_cpu_weights_and_kv_cache_settings_reach_the_backend_and_the_reply_cache_key(settings):
     from pipeline.llama_cpp_backend import cpu_weights_for_this_machine
 
     auto = make_backend(settings)
@@ -75,6 +75,9 @@ def test_the_cpu_weights_setting_reaches_the_backend_and_the_reply_cache_key(set
     assert [b.cpu_weights for b in backends] == list(kinds)
     # Replies cached from one must not be served for another.
     assert len({Responder(b, LIMITS).identity for b in backends}) == len(kinds)
+    quantized_kv = make_backend(settings.model_copy(update={"responder_kv_cache": "q8_0"}))
+    assert quantized_kv.kv_cache == "q8_0" and auto.kv_cache == "f16"
+    assert Responder(quantized_kv, LIMITS).identity != Responder(auto, LIMITS).identity
     penalised = GenerationLimits(max_tokens=24, temperature=0.0, stop=["\nCustomer:"], timeout_s=60, repeat_penalty=1.15)
     assert Responder(auto, LIMITS).identity != Responder(auto, penalised).identity
 
