@@ -255,8 +255,7 @@ class LlamaCppBackend:
         # reply's cells), and matched it on short ones (2 cores, 2026-11-22).
         params.kv_unified = False
         if self.kv_cache == "q8_0":
-            # llama.cpp reads a quantized V cache only inside flash attention, so ask for it rather
-            # than leave it to "auto", which would refuse the context where it resolves otherwise.
+            # llama.cpp reads a quantized V cache only inside flash attention: asked for, not left to "auto".
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
