@@ -186,6 +186,10 @@ def test_up_counts_a_redis_server_that_dies_at_start_against_its_restart_budget(
     try:
         url = f"redis://127.0.0.1:{port}/0"
         wait_until(lambda: redis.Redis.from_url(url).ping(), 30, "embedded redis")
+        # `tandem up` starts its workers once it has seen the server answer. Killed before that,
+        # the server is a first start that failed, which ends `tandem up` at once (a CI run of
+        # 2026-12-07 killed it there: the test's ping answered before `tandem up`'s own did).
+        wait_until(lambda: len(psutil.Process(up.pid).children()) > 1, 30, "`tandem up` past starting Redis")
         redis.Redis.from_url(url).set("tandem-test", "x")  # something for the append-only file to hold
         server = psutil.Process(int(redis.Redis.from_url(url).info("server")["process_id"]))
         # Before the kill, or `tandem up` may restart it first. The server appends to the file
