@@ -79,11 +79,17 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    # Examples in the OpenAPI document: /docs offers them, and schemathesis's examples phase sends them.
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": MODEL_ID, "messages": [{"role": "user", "content": "How long will my new card take to arrive?"}],
+         "stream": False, "max_tokens": 64}]})
     model: str = MODEL_ID
     messages: list[ChatMessage] = Field(min_length=1)
     stream: StrictBool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    # Strict: pydantic's lax mode took `true` as 1 and "0.5" as 0.5, numbers the document does not allow
+    # (schemathesis's coverage phase sent them, 2026-12-07).
+    max_tokens: int | None = Field(default=None, ge=1, le=4096, strict=True)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
     user: str | None = None
 
 
@@ -94,19 +100,23 @@ MESSAGE_RULES = ("Text with at least one printable character (control characters
 
 
 class ReplyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"message": "I lost my card", "session_id": "chat-42"}]})
     message: str = Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})
     session_id: str | None = Field(default=None, max_length=200)
     use_cache: StrictBool = True
 
 
 class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"texts": ["I forgot my PIN", "my card payment was declined"]}]})
     texts: list[Annotated[str, Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})]] = \
         Field(min_length=1, max_length=256)
 
 
 class SearchRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"query": "how much is express delivery", "k": 2, "intents": ["card_delivery_estimate"]}]})
     query: str = Field(description=MESSAGE_RULES, json_schema_extra={"minLength": 1})
-    k: int = Field(default=3, ge=1, le=50)
+    k: int = Field(default=3, ge=1, le=50, strict=True)
     intents: list[str] | None = Field(default=None, description=(
         "Only passages of articles tagged with one of these intents. An intent that neither the intent model "
         "nor any article knows is refused (422), with the closest known one named."))

@@ -92,6 +92,9 @@ def test_openai_client_sees_auth_errors(api):
     ({"messages": [{"role": "user", "content": "   "}]}, 422, "bad_input"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "validation"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": 1}, 422, "validation"),  # a bool, not a number
+    # numbers, not a bool or a string (pydantic's lax mode had read them as 1.0 and 64)
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": True}, 422, "validation"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "64"}, 422, "validation"),
 ])
 def test_chat_request_limits(api, openapi, body, status, code):
     response = openapi.check(httpx.post(f"{api}/v1/chat/completions", json=body, headers=auth()))
@@ -108,6 +111,21 @@ def test_openapi_document_states_the_message_rules(api):
     # and the API does what it states: a blank message is refused with 422
     response = httpx.post(f"{api}/v1/replies", json={"message": " \x00 "}, headers=auth())
     assert response.status_code == 422 and "empty" in response.json()["error"]["message"]
+
+
+def test_the_request_examples_in_the_openapi_document_are_accepted(api, openapi):
+    """Each JSON request body's example, as /docs offers it, sent as it stands to the running API."""
+    document = httpx.get(f"{api}/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    sent = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            for example in schemas.get(schema.get("$ref", "").rsplit("/", 1)[-1], {}).get("examples", []):
+                response = openapi.check(httpx.request(method, f"{api}{path}", json=example, headers=auth(), timeout=120))
+                assert response.is_success, (path, response.status_code, response.text)
+                sent.append(path)
+    assert sorted(sent) == ["/v1/chat/completions", "/v1/classify", "/v1/replies", "/v1/search"]
 
 
 def test_malformed_json_and_missing_key(api, openapi):
@@ -332,6 +350,8 @@ def test_classify_and_search(api, openapi):
     assert blank.status_code == 422 and blank.json()["error"]["message"] == "texts[1]: message is empty"
     long = openapi.check(httpx.post(f"{api}/v1/classify", json={"texts": ["x" * 100_000]}, headers=auth()))
     assert long.status_code == 413 and long.json()["error"]["message"].startswith("texts[0]: message is 100000 characters")
+    assert openapi.check(httpx.post(f"{api}/v1/search", json={"query": "express delivery", "k": True},
+                                    headers=auth())).status_code == 422  # a number, not a bool
     found = openapi.check(httpx.post(f"{api}/v1/search", json={"query": "how much is express delivery", "k": 2},
                                      headers=auth(), timeout=60)).json()["passages"]
     assert len(found) == 2 and {"article_id", "score", "text"} <= set(found[0])
