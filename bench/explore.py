@@ -404,14 +404,20 @@ def query_likelihood(args) -> None:
                   f"reranked by query likelihood ({name} prompt) {reranked:.3f}", flush=True)
 
 
+def _memory_mb() -> dict[str, int]:
+    """This process's memory by kind ("Rss", "Anonymous", ...), in MB, from /proc/self/smaps_rollup."""
+    sizes = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        key, *value = line.split()
+        sizes[key.rstrip(":")] = int(value[0]) // 1024 if value and value[0].isdigit() else 0
+    return sizes
+
+
 def worker_memory(args) -> None:
     import threading
 
     def resident(stage: str) -> None:
-        sizes = {}
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            key, *value = line.split()
-            sizes[key.rstrip(":")] = int(value[0]) // 1024 if value and value[0].isdigit() else 0
+        sizes = _memory_mb()
         print(f"{stage:<34} RSS {sizes['Rss']:>5} MB  anonymous {sizes['Anonymous']:>5} MB  files "
               f"{sizes['Rss'] - sizes['Anonymous']:>4} MB  torch imported: {'torch' in sys.modules}", flush=True)
 
@@ -442,19 +448,13 @@ def kv_cache(args) -> None:
     from bench.perf import _engine_run, _prompts, _replies
     from pipeline.responder import GenerationLimits
 
-    def anonymous_mb() -> int:
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith("Anonymous:"):
-                return int(line.split()[1]) // 1024
-        return 0
-
     workloads = _prompts(32)
     sizes = SimpleNamespace(alone_replies=8, rounds=2)
     engines, added = {}, {}
     for kind in ("f16", "q8_0"):
-        before = anonymous_mb()
+        before = _memory_mb()["Anonymous"]
         engines[kind] = _batcher(kv_cache=kind)
-        added[kind] = anonymous_mb() - before
+        added[kind] = _memory_mb()["Anonymous"] - before
     print("anonymous memory each batcher added (MB):", added, flush=True)
     limits = GenerationLimits(max_tokens=64)
     texts = {kind: ["".join(engine.stream(p, limits)) for p in workloads["grounded"][:16]]
@@ -497,13 +497,16 @@ def number_binding(args) -> None:
                 out.append((value.pop(), words))
         return out
 
+    def kind(value: str) -> str:
+        """What a number is without its digits: "£", "%", "pm", or "" for a plain count."""
+        return re.sub(r"[\d.,:]", "", value)
+
     def swapped(reply: str, source: str) -> list[str]:
         given = bound(source)
         flags = []
         for value, words in bound(reply):
             beside = {v for v, w in given if w == words}
-            if beside and value not in beside and any(v.rstrip("0123456789.:") == value.rstrip("0123456789.:")
-                                                      for v in beside):
+            if beside and value not in beside and any(kind(v) == kind(value) for v in beside):
                 flags.append(f"{value} {' '.join(words)} (the passage: {', '.join(sorted(beside))})")
         return flags
 
