@@ -541,8 +541,6 @@ def _openai_content(tokens: list, done: dict) -> str:
     return asyncio.run(content())
 
 
-
-
 def test_the_api_process_does_not_import_torch():
     """The API only checks messages and reads Redis: importing torch (through the pipeline's
     encoder module, as it once did) would hold 270 MB in it for nothing."""
