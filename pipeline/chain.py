@@ -2,8 +2,9 @@
 
 One encoder pass per message gives the vector that both the classifier and the retriever read.
 Routing: out-of-scope messages (the classifier rejects them, or no passage is near them)
-get a short request to rephrase and hand-off intents get a holding reply, neither calling
-the generator. Retrieval fuses the passage's similarity with the classifier's probability
+get a short request to rephrase and hand-off intents get a holding reply (with the lead of
+the article written for the intent, quoted, when retrieval found it), neither calling the
+generator. Retrieval fuses the passage's similarity with the classifier's probability
 for the passage's intent, so a message whose wording is close to the wrong article still
 finds the article for its intent. The guard checks each sentence of a draft as it
 completes, and the draft stops at the first one it rejects, or where it goes off track: a
@@ -28,7 +29,7 @@ import numpy as np
 from pipeline.classifier import IntentClassifier
 from pipeline.encoder import SentenceEncoder, VectorCache
 from pipeline.errors import InputError, ModelLoadError, TandemError
-from pipeline.guard import GroundingGuard, last_sentence_end, off_track
+from pipeline.guard import GroundingGuard, last_sentence_end, lead, off_track
 from pipeline.knowledge import KnowledgeIndex, Passage, load_articles
 from pipeline.responder import ANSWER, STEPS, GenerationLimits, Responder, make_backend
 from pipeline.settings import Settings
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 
 OOS_REPLY = ("Sorry, I can only help with questions about your Northwind account, cards and payments. "
              "Could you rephrase your question?")
-HANDOFF_REPLY = ("This needs one of our specialists. I've passed your conversation to the team and someone "
-                 "will reply here shortly. If your card may be in someone else's hands, freeze it now in the app.")
+HANDOFF_OPENING = ("This needs one of our specialists. I've passed your conversation to the team and someone "
+                   "will reply here shortly.")
+HANDOFF_REPLY = f"{HANDOFF_OPENING} If your card may be in someone else's hands, freeze it now in the app."
 
 Progress = Callable[[str, int, int], None]
 
@@ -94,6 +96,9 @@ class Token:
     from_guard: bool = False  # help-centre sentences the guard appended or quoted, not generated text
     restart: bool = False  # the text streamed before it is withdrawn: a second draft or the quoted answer begins
     quoted: bool = False  # the guard's answer quoted from the passages, in place of the drafts it rejected
+    # Written by the second draft: ``restart`` marks where one begins only when the first streamed
+    # something, and a first draft cut at its first word by off_track streams nothing.
+    second_draft: bool = False
 
 
 @dataclass
@@ -121,6 +126,18 @@ def clean_message(message: str | bytes, max_chars: int) -> str:
     if len(message) > max_chars:
         raise InputError(f"message is {len(message)} characters; the limit is {max_chars} (TANDEM_MAX_MESSAGE_CHARS)")
     return message
+
+
+def handoff_reply(understanding: Understanding) -> tuple[str, list[Passage]]:
+    """The holding reply for a hand-off intent, and the passage it quotes. Where the best passage
+    begins the article written for the escalated intent, the reply quotes that article's lead, so
+    a customer who waits for a person about a payment they did not make is told the first steps
+    now (freeze the card, report the payment within 120 days) and not only a general line. The
+    lead is quoted whole, so the reply says nothing the article does not."""
+    best = understanding.passages[0] if understanding.passages else None
+    if best is not None and understanding.intent in best.intents and (opening := lead(best)):
+        return f"{HANDOFF_OPENING} While you wait: {opening}", [best]
+    return HANDOFF_REPLY, []
 
 
 def unknown_intents(names: Iterable[str], known: Collection[str]) -> str:
@@ -294,8 +311,9 @@ class HybridPipeline:
         timings = dict(understanding.timings_ms)
         yield Meta(understanding)
         grounded = True
+        quoted_from: list[Passage] = []  # a hand-off's article, when its holding reply quotes it
         if understanding.escalate:
-            reply = HANDOFF_REPLY
+            reply, quoted_from = handoff_reply(understanding)
             yield Token(reply)
         elif understanding.out_of_scope:
             reply = OOS_REPLY
@@ -309,7 +327,8 @@ class HybridPipeline:
                 nonlocal streamed, restart
                 if "first_token" not in timings:
                     timings["first_token"] = round((time.perf_counter() - started) * 1000, 2)
-                token = Token(text, from_guard=quoted, restart=restart, quoted=quoted)
+                token = Token(text, from_guard=quoted, restart=restart, quoted=quoted,
+                              second_draft=instruction is STEPS and not quoted)
                 streamed, restart = True, False
                 return token
 
@@ -373,7 +392,7 @@ class HybridPipeline:
                     reply = (draft + addition).strip()  # what a client that joins the tokens (since a restart) shows
             timings["guard"] = round((time.perf_counter() - guard_started) * 1000, 2)
         timings["total"] = round(sum(v for k, v in timings.items() if k not in {"first_token"}), 2)
-        used = understanding.passages[: self.responder.max_passages] if not understanding.escalate else []
+        used = quoted_from if understanding.escalate else understanding.passages[: self.responder.max_passages]
         yield Done(PipelineResult(
             message=understanding.message, intent=understanding.intent, confidence=understanding.confidence,
             top_intents=understanding.top_intents, passages=[p.to_dict() for p in understanding.passages],
@@ -384,10 +403,11 @@ class HybridPipeline:
     @property
     def reply_identity(self) -> str:
         """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
-        # "q": the guard's quoted answer streams as a token; replies cached before it did are not served.
+        # "q": the guard's quoted answer streams as a token; "h": a hand-off quotes its article's
+        # lead. Replies cached before either are not served.
         return (f"{self.responder.identity}|{self.guard.identity}|"
                 f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}"
-                f"{int(self.settings.guard_second_draft)}q")
+                f"{int(self.settings.guard_second_draft)}qh")
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

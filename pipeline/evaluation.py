@@ -72,7 +72,7 @@ def grounding_eval(pipeline: HybridPipeline, questions: list[dict],
                 if event.quoted:  # the guard's answer in place of the drafts: neither a completion nor a draft
                     continue
                 completed |= event.from_guard
-                second_draft |= event.restart
+                second_draft |= event.restart or event.second_draft
                 if not event.from_guard and not second_draft:  # "before the guard" is the first draft
                     draft.append(event.text)
             elif isinstance(event, Done):

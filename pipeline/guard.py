@@ -58,9 +58,10 @@ _ALREADY_SAID = 0.8
 # cuts were all loops, none two different facts.
 _LOOP_WORDS = 8
 # A reply speaks to the customer. A small model at times narrates instead ("The customer is asking
-# about a lost card.", "The user should..."), and what follows is no longer an answer.
-_NARRATION_OPENINGS = ("the customer", "the user")
-_NARRATION = re.compile(r"the (?:customer|user)(?:'s|s)?\b(?! service| support)")
+# about a lost card.", "The user should...", "A customer asked about a card that wasn't working, and
+# the answer was a bit misleading."), and what follows is no longer an answer.
+_NARRATION_OPENINGS = ("the customer", "the user", "a customer", "a user")
+_NARRATION = re.compile(r"(?:the|a) (?:customer|user)(?:'s|s)?\b(?!-| service| support)")
 
 
 def _value(number: str) -> str:
@@ -244,7 +245,7 @@ class GroundingGuard:
     @property
     def identity(self) -> str:
         """What a cached reply depends on in the guard; the version moves when its rules do."""
-        return f"guard6:{self.similarity_threshold}:{self.complete_sentences}"
+        return f"guard7:{self.similarity_threshold}:{self.complete_sentences}"
 
     def check(self, reply: str, passages: list[Passage], whole: bool = True) -> GuardVerdict:
         """Whether the passages support ``reply``. A ``whole`` reply with no sentence of three

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.chain import HANDOFF_REPLY, OOS_REPLY, Done, Meta, Token, clean_message
+from pipeline.chain import HANDOFF_OPENING, HANDOFF_REPLY, OOS_REPLY, Done, Meta, Token, clean_message
 from pipeline.errors import InputError
 from pipeline.evaluation import grounding_eval, load_questions, retrieval_recall
 from pipeline.responder import ANSWER, STEPS
@@ -201,6 +201,18 @@ def test_a_rejected_draft_gets_a_second_draft_that_restarts_the_stream(pipeline,
     assert result.grounded and result.reply.startswith("".join(PASSING_DRAFT))
     assert result.reply == since_last_restart(tokens)
 
+    drafted = [t for t in tokens if not t.from_guard]  # the guard's completion is neither draft's
+    assert [t.second_draft for t in drafted] == [False] + [True] * (len(drafted) - 1)
+
+    # A first draft that narrates from its first word streams nothing, so no restart marks the
+    # second; its tokens still say which draft wrote them (bench grounding's "before the guard").
+    narrated = ["A ", "customer asked ", "about delivery. ", *PASSING_DRAFT]
+    events, record = _recorded_draft(pipeline, monkeypatch, narrated, PASSING_DRAFT)
+    assert record["instructions"] == [ANSWER, STEPS]
+    tokens = [e for e in events if isinstance(e, Token) and not e.from_guard]
+    assert tokens and all(t.second_draft and not t.restart for t in tokens)
+    assert "".join(t.text for t in tokens) == "".join(PASSING_DRAFT)
+
     monkeypatch.setattr(pipeline.settings, "guard_second_draft", False)
     assert pipeline.reply_identity != identity
     events, record = _recorded_draft(pipeline, monkeypatch, REJECTED_DRAFT, PASSING_DRAFT)
@@ -312,9 +324,23 @@ def test_the_gate_leaves_hand_offs_and_in_scope_messages_alone(pipeline, monkeyp
 
 def test_handoff_intent_escalates_without_generation(pipeline, monkeypatch):
     monkeypatch.setattr(pipeline.responder, "stream", lambda *a, **k: (p for p in ()))
-    result = pipeline.run("There is a payment on my card I did not make, someone else used it")
-    assert result.intent in pipeline.settings.handoff_intents
-    assert result.escalate and result.reply == HANDOFF_REPLY
+    result = pipeline.run("There's an ATM withdrawal from yesterday that I never made. What do I do?")
+    assert result.intent == "cash_withdrawal_not_recognised"
+    # The holding reply quotes the lead of the article written for the intent: the steps to take now.
+    assert result.escalate and result.grounded and result.sources == ["cash-withdrawal-not-recognised"]
+    assert result.reply.startswith(HANDOFF_OPENING + " While you wait: If you see an ATM withdrawal you didn't make")
+    assert "Freeze card" in result.reply and "120 days" in result.reply
+    assert result.reply.removeprefix(HANDOFF_OPENING + " While you wait: ") in result.passages[0]["text"]
+
+
+def test_a_handoff_without_its_article_gets_the_general_holding_reply(pipeline):
+    understanding = pipeline.understand(["There's an ATM withdrawal from yesterday that I never made."])[0]
+    assert understanding.escalate
+    understanding.passages = [p for p in understanding.passages if understanding.intent not in p.intents]
+    result = pipeline.run_understood(understanding)
+    assert result.reply == HANDOFF_REPLY and result.sources == [] and result.escalate
+    understanding.passages = []
+    assert pipeline.run_understood(understanding).reply == HANDOFF_REPLY
 
 
 def test_batch_understanding_matches_single(pipeline):

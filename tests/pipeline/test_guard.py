@@ -304,6 +304,14 @@ def test_a_draft_that_talks_about_the_customer_instead_of_to_them_ends_there():
     assert off_track(answer + "The customer ") == (None, len(answer))
     assert off_track(answer + "The customer service") == (None, len(answer + "The customer service"))
     assert off_track(answer + "The customer is") == (len(answer), len(answer))
+    # with "a" too (grounding set, ga15 and gb04, 2026-12-07: both reached the reply)
+    asked = "A customer asked about a card that wasn't working, and the answer was a bit misleading. " + answer
+    assert off_track(asked) == (0, 0)
+    assert off_track("A customer question: The store refunded me last Monday.") == (0, 0)
+    assert off_track(answer + "A cust") == (None, len(answer))
+    assert off_track(answer + "A card") == (None, len(answer + "A card"))
+    for ours in ["A customer service agent can help.", "A user-friendly guide is in the app."]:
+        assert off_track(answer + ours) == (None, len(answer + ours))
 
 
 def test_nothing_streamed_is_ever_cut_off_by_a_later_stop():
@@ -312,7 +320,7 @@ def test_nothing_streamed_is_ever_cut_off_by_a_later_stop():
     rng = random.Random(7)
     said = ["Freeze the card in the app.", "Tap Cards → Security.", "Tap Cards → Security → Freeze card.",
             "The customer is asking about a card.", "The card arrives in 3–5 working days.",
-            "You can order a new card in the app under Cards.", "1.", "2.", "The user"]
+            "You can order a new card in the app under Cards.", "1.", "2.", "The user", "A customer asked.", "A card"]
     for _ in range(300):
         draft = "".join(rng.choice(said) + rng.choice([" ", "\n", "\n\n"]) for _ in range(rng.randint(1, 6)))
         shown = 0
