@@ -76,9 +76,16 @@ def main() -> None:
                       f"{oos['calibrated_on']} fall under {oos['calibrated']}):\n" if "calibrated" in oos else
                       f"(`TANDEM_OOS_MIN_SIMILARITY`={oos['threshold']}, the similarity under which "
                       f"{pct(oos['in_scope_share'])} of {oos['calibrated_on']} fall):\n"))
-        out.append("| messages | n | intent model alone | with the gate |\n|---|---|---|---|")
+        suggested = all("unsure" in row for row in oos["rows"])  # runs before 2026-12-07 did not count them
+        out.append("| messages | n | intent model alone | with the gate |"
+                   + (" articles suggested (unsure) | their intent's article among them |\n|---|---|---|---|---|---|"
+                      if suggested else "\n|---|---|---|---|"))
         for row in oos["rows"]:
-            out.append(f"| {row['set']} | {row['n']} | {pct(row['intent_model_alone'])} | {pct(row['with_gate'])} |")
+            line = f"| {row['set']} | {row['n']} | {pct(row['intent_model_alone'])} | {pct(row['with_gate'])} |"
+            if suggested:
+                found, unsure = row["unsure_with_their_article_suggested"], row["unsure"]
+                line += f" {unsure} | {'–' if found is None else f'{found} of {unsure}'} |"
+            out.append(line)
         out.append("")
     grounding = load("grounding")
     if grounding:

@@ -2,9 +2,10 @@
 
 One encoder pass per message gives the vector that both the classifier and the retriever read.
 Routing: out-of-scope messages (the classifier rejects them, or no passage is near them)
-get a short request to rephrase and hand-off intents get a holding reply (with the lead of
-the article written for the intent, quoted, when retrieval found it), neither calling the
-generator. Retrieval fuses the passage's similarity with the classifier's probability
+get a short request to rephrase, with the articles retrieval found when only the
+classifier's low confidence kept a message near a passage out; hand-off intents get a
+holding reply, with the lead of the article written for the intent when retrieval found
+it. Neither calls the generator. Retrieval fuses the passage's similarity with the classifier's probability
 for the passage's intent, so a message whose wording is close to the wrong article still
 finds the article for its intent. The guard checks each sentence of a draft as it
 completes, and the draft stops at the first one it rejects, or where it goes off track: a
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 OOS_REPLY = ("Sorry, I can only help with questions about your Northwind account, cards and payments. "
              "Could you rephrase your question?")
+UNSURE_REPLY = ("Sorry, I'm not sure I understood. Could you rephrase your question? "
+                "One of these help articles may answer it:")
 HANDOFF_OPENING = ("This needs one of our specialists. I've passed your conversation to the team and someone "
                    "will reply here shortly.")
 HANDOFF_REPLY = f"{HANDOFF_OPENING} If your card may be in someone else's hands, freeze it now in the app."
@@ -55,6 +58,9 @@ class Understanding:
     escalate: bool
     out_of_scope: bool
     passages: list[Passage] = field(default_factory=list)
+    # Out of scope only because the intent model's confidence is under its threshold, while a
+    # passage is near: a banking question it cannot place, whose reply suggests articles.
+    unsure: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
     # The knowledge index the passages came from: a gen worker keys cached replies by it, not by
     # its own index, which can lag a reload behind the nlu worker's (reload_index).
@@ -232,16 +238,21 @@ class HybridPipeline:
         vectors = self._encode(messages)
         encoded_at = time.perf_counter()
         predictions = self.classifier.predict(vectors, messages, k=3)
-        for prediction, far in zip(predictions, self._far_from_help_centre(vectors)):
-            if far and prediction.intent not in self.settings.handoff_intents:  # a hand-off stays one
-                prediction.intent = self.classifier.oos_label
+        oos = self.classifier.oos_label
+        far = self._far_from_help_centre(vectors)
+        for prediction, far_away in zip(predictions, far):
+            if far_away and prediction.intent not in self.settings.handoff_intents:  # a hand-off stays one
+                prediction.intent = oos
         per_message = 1000 / max(len(messages), 1)
         timings = {"encode": round((encoded_at - started) * per_message, 2),
                    "classify": round((time.perf_counter() - encoded_at) * per_message, 2)}
         return [Understanding(message=m, intent=p.intent, confidence=p.confidence, top_intents=p.top_intents,
-                              escalate=p.intent in self.settings.handoff_intents,
-                              out_of_scope=p.intent == self.classifier.oos_label, timings_ms=dict(timings))
-                for m, p in zip(messages, predictions)]
+                              escalate=p.intent in self.settings.handoff_intents, out_of_scope=p.intent == oos,
+                              # under the threshold, not an `oos` class's win, and near the help centre
+                              unsure=p.intent == oos and not far_away and bool(p.top_intents)
+                              and p.top_intents[0]["intent"] != oos,
+                              timings_ms=dict(timings))
+                for m, p, far_away in zip(messages, predictions, far)]
 
     def _far_from_help_centre(self, vectors: np.ndarray) -> list[bool]:
         """Whether each message's nearest passage is under TANDEM_OOS_MIN_SIMILARITY. The intent
@@ -255,7 +266,7 @@ class HybridPipeline:
 
     def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
         vectors = self._encode([u.message for u in understandings])
-        rows = [i for i, u in enumerate(understandings) if not u.out_of_scope]
+        rows = [i for i, u in enumerate(understandings) if not u.out_of_scope or u.unsure]
         index = self.index
         started = time.perf_counter()
         found = self.retrieve_many(vectors[rows], [understandings[i].top_intents for i in rows], index)
@@ -265,7 +276,7 @@ class HybridPipeline:
             understandings[i].passages = passages
             understandings[i].index_version = version
         for understanding in understandings:
-            understanding.timings_ms["retrieve"] = per_message if not understanding.out_of_scope else 0.0
+            understanding.timings_ms["retrieve"] = per_message if not understanding.out_of_scope or understanding.unsure else 0.0
         return understandings
 
     def _encode(self, messages: list[str]) -> np.ndarray:
@@ -311,12 +322,13 @@ class HybridPipeline:
         timings = dict(understanding.timings_ms)
         yield Meta(understanding)
         grounded = True
-        quoted_from: list[Passage] = []  # a hand-off's article, when its holding reply quotes it
+        quoted_from: list[Passage] = []  # the articles a reply without generation quotes or suggests
         if understanding.escalate:
             reply, quoted_from = handoff_reply(understanding)
             yield Token(reply)
         elif understanding.out_of_scope:
-            reply = OOS_REPLY
+            quoted_from = understanding.passages[:3] if understanding.unsure else []
+            reply = (UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in quoted_from)) if quoted_from else OOS_REPLY
             yield Token(reply)
         else:
             shown = understanding.passages[: self.responder.max_passages]
@@ -392,22 +404,23 @@ class HybridPipeline:
                     reply = (draft + addition).strip()  # what a client that joins the tokens (since a restart) shows
             timings["guard"] = round((time.perf_counter() - guard_started) * 1000, 2)
         timings["total"] = round(sum(v for k, v in timings.items() if k not in {"first_token"}), 2)
-        used = quoted_from if understanding.escalate else understanding.passages[: self.responder.max_passages]
+        used = (quoted_from if understanding.escalate or understanding.out_of_scope
+                else understanding.passages[: self.responder.max_passages])
         yield Done(PipelineResult(
             message=understanding.message, intent=understanding.intent, confidence=understanding.confidence,
             top_intents=understanding.top_intents, passages=[p.to_dict() for p in understanding.passages],
             reply=reply, grounded=grounded, escalate=understanding.escalate,
-            sources=list(dict.fromkeys(p.article_id for p in used)) if not understanding.out_of_scope else [],
+            sources=list(dict.fromkeys(p.article_id for p in used)),
             timings_ms=timings))
 
     @property
     def reply_identity(self) -> str:
         """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
         # "q": the guard's quoted answer streams as a token; "h": a hand-off quotes its article's
-        # lead. Replies cached before either are not served.
+        # lead; "s": an unsure message gets articles suggested. Replies cached before are not served.
         return (f"{self.responder.identity}|{self.guard.identity}|"
                 f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}"
-                f"{int(self.settings.guard_second_draft)}qh")
+                f"{int(self.settings.guard_second_draft)}qhs")
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.chain import HANDOFF_OPENING, HANDOFF_REPLY, OOS_REPLY, Done, Meta, Token, clean_message
+from pipeline.chain import HANDOFF_OPENING, HANDOFF_REPLY, OOS_REPLY, UNSURE_REPLY, Done, Meta, Token, clean_message
 from pipeline.errors import InputError
 from pipeline.evaluation import grounding_eval, load_questions, retrieval_recall
 from pipeline.responder import ANSWER, STEPS
@@ -293,6 +293,35 @@ def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monke
     result = pipeline.run("asdkjh qwe zzzz")
     assert result.intent == "oos" and result.reply == OOS_REPLY
     assert result.passages == [] and result.sources == [] and not result.escalate
+
+    # A banking question the intent model cannot place (confidence under its threshold, a passage
+    # near) gets the articles retrieval found for it, still without generation.
+    message = "I'm on the free plan – can I make a single-use card number for online shopping?"
+    understanding = pipeline.understand([message])[0]
+    assert understanding.out_of_scope and understanding.unsure and understanding.passages
+    assert understanding.top_intents[0]["intent"] == "get_disposable_virtual_card"
+    result = pipeline.run(message)
+    assert result.intent == "oos" and result.grounded and not result.escalate
+    suggested = understanding.passages[:3]
+    assert result.reply == UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in suggested)
+    assert result.sources[0] == "get-disposable-virtual-card" and len(result.sources) == 3
+    assert "https://help.northwind.example/articles/get-disposable-virtual-card" in result.reply
+
+
+def test_an_oos_class_that_wins_suggests_no_articles(pipeline, monkeypatch):
+    # A model trained with `oos` rows says so itself: that is not a question it is unsure of.
+    predict = pipeline.classifier.predict
+
+    def oos_wins(vectors, texts, k=3):
+        predictions = predict(vectors, texts, k)
+        for p in predictions:
+            p.intent, p.top_intents = "oos", [{"intent": "oos", "confidence": 0.9}, *p.top_intents[:2]]
+        return predictions
+
+    monkeypatch.setattr(pipeline.classifier, "predict", oos_wins)
+    understanding = pipeline.understand(["I'm on the free plan – can I make a single-use card number?"])[0]
+    assert understanding.out_of_scope and not understanding.unsure and understanding.passages == []
+    assert pipeline.run_understood(understanding).reply == OOS_REPLY
 
 
 def test_a_message_far_from_every_passage_is_out_of_scope_whatever_intent_the_model_picks(pipeline, monkeypatch):
