@@ -5,9 +5,9 @@ Routing: out-of-scope messages (the classifier rejects them, or no passage is ne
 get a short request to rephrase, with the articles retrieval found when only the
 classifier's low confidence kept a message near a passage out; hand-off intents get a
 holding reply, with the lead of the article written for the intent when retrieval found
-it. Neither calls the generator. Retrieval fuses the passage's similarity with the classifier's probability
-for the passage's intent, so a message whose wording is close to the wrong article still
-finds the article for its intent. The guard checks each sentence of a draft as it
+it. Neither calls the generator. Retrieval fuses the passage's similarity with the
+classifier's probability for the passage's intent, so a message whose wording is close to
+the wrong article still finds the article for its intent. The guard checks each sentence of a draft as it
 completes, and the draft stops at the first one it rejects, or where it goes off track: a
 sentence that repeats an earlier one, or that talks about the customer instead of to them (a
 sentence that may do either streams once it is clear that it does not). A second draft, asked
@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,12 @@ class Understanding:
 
     @classmethod
     def from_dict(cls, data: dict) -> Understanding:
-        return cls(**{**data, "passages": [Passage(**p) for p in data.get("passages", [])]})
+        # Fields it does not know are left out: during a rolling upgrade a newer nlu worker's
+        # understanding (a field added since) still reaches an older gen worker as a reply.
+        known, known_in_passage = {f.name for f in fields(cls)}, {f.name for f in fields(Passage)}
+        return cls(**{k: v for k, v in data.items() if k in known and k != "passages"},
+                   passages=[Passage(**{k: v for k, v in p.items() if k in known_in_passage})
+                             for p in data.get("passages", [])])
 
 
 @dataclass
@@ -266,7 +271,8 @@ class HybridPipeline:
 
     def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
         vectors = self._encode([u.message for u in understandings])
-        rows = [i for i, u in enumerate(understandings) if not u.out_of_scope or u.unsure]
+        retrieved = [not u.out_of_scope or u.unsure for u in understandings]
+        rows = [i for i, wanted in enumerate(retrieved) if wanted]
         index = self.index
         started = time.perf_counter()
         found = self.retrieve_many(vectors[rows], [understandings[i].top_intents for i in rows], index)
@@ -275,8 +281,8 @@ class HybridPipeline:
         for i, passages in zip(rows, found):
             understandings[i].passages = passages
             understandings[i].index_version = version
-        for understanding in understandings:
-            understanding.timings_ms["retrieve"] = per_message if not understanding.out_of_scope or understanding.unsure else 0.0
+        for understanding, wanted in zip(understandings, retrieved):
+            understanding.timings_ms["retrieve"] = per_message if wanted else 0.0
         return understandings
 
     def _encode(self, messages: list[str]) -> np.ndarray:

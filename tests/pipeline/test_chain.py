@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.chain import HANDOFF_OPENING, HANDOFF_REPLY, OOS_REPLY, UNSURE_REPLY, Done, Meta, Token, clean_message
+from pipeline.chain import HANDOFF_OPENING, HANDOFF_REPLY, OOS_REPLY, UNSURE_REPLY, Done, Meta, Token, Understanding, clean_message
 from pipeline.errors import InputError
 from pipeline.evaluation import grounding_eval, load_questions, retrieval_recall
 from pipeline.responder import ANSWER, STEPS
@@ -541,3 +541,15 @@ def test_a_misspelt_handoff_intent_stops_the_pipeline_and_a_default_one_the_mode
     with caplog.at_level("WARNING", logger="pipeline.chain"):
         build(pipeline.settings, other)
     assert "lacks the default hand-off intents" in caplog.text and "TANDEM_HANDOFF_INTENTS" in caplog.text
+
+
+def test_an_understanding_from_a_newer_or_older_worker_is_read(pipeline):
+    # A rolling upgrade: the nlu and gen workers may run versions a field apart.
+    understanding = pipeline.understand(["How do I change my PIN?"])[0]
+    data = json.loads(json.dumps(understanding.to_dict()))
+    assert Understanding.from_dict(data) == understanding
+    newer = {**data, "added_later": 1, "passages": [{**p, "also_added": 2} for p in data["passages"]]}
+    assert Understanding.from_dict(newer) == understanding
+    older = {k: v for k, v in data.items() if k not in {"unsure", "index_version"}}
+    assert Understanding.from_dict(older).passages == understanding.passages
+
