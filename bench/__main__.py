@@ -228,7 +228,10 @@ def bench_oos(args) -> None:
         found = sum(any(labels[i] in p.intents for p in gated[i].passages[:3]) for i in unsure) if labels else None
         rows.append({"set": name, "n": len(texts), "intent_model_alone": round(float(np.mean(alone)), 4),
                      "with_gate": round(float(np.mean([u.out_of_scope for u in gated])), 4),
-                     "unsure": len(unsure), "unsure_with_their_article_suggested": found})
+                     "unsure": len(unsure), "unsure_with_their_article_suggested": found,
+                     # possible fraud under the confidence threshold, handed to a person, not out of scope
+                     "handed_off_under_threshold": sum(u.escalate and u.confidence < pipeline.classifier.oos_threshold
+                                                       for u in gated)})
     save("oos", {"in_scope_share": args.in_scope_share, "threshold": threshold, "calibrated": calibrated,
                  "calibrated_on": f"BANKING77 train ({len(train):,})", "rows": rows})
 

@@ -76,15 +76,15 @@ def main() -> None:
                       f"{oos['calibrated_on']} fall under {oos['calibrated']}):\n" if "calibrated" in oos else
                       f"(`TANDEM_OOS_MIN_SIMILARITY`={oos['threshold']}, the similarity under which "
                       f"{pct(oos['in_scope_share'])} of {oos['calibrated_on']} fall):\n"))
-        suggested = all("unsure" in row for row in oos["rows"])  # runs before 2026-12-07 did not count them
+        suggested = all("handed_off_under_threshold" in row for row in oos["rows"])  # counted since 2026-12-07
         out.append("| messages | n | intent model alone | with the gate |"
-                   + (" articles suggested (unsure) | their intent's article among them |\n|---|---|---|---|---|---|"
-                      if suggested else "\n|---|---|---|---|"))
+                   + (" articles suggested (unsure) | their intent's article among them | handed off under the threshold |"
+                      "\n|---|---|---|---|---|---|---|" if suggested else "\n|---|---|---|---|"))
         for row in oos["rows"]:
             line = f"| {row['set']} | {row['n']} | {pct(row['intent_model_alone'])} | {pct(row['with_gate'])} |"
             if suggested:
                 found, unsure = row["unsure_with_their_article_suggested"], row["unsure"]
-                line += f" {unsure} | {'–' if found is None else f'{found} of {unsure}'} |"
+                line += f" {unsure} | {'–' if found is None else f'{found} of {unsure}'} | {row['handed_off_under_threshold']} |"
             out.append(line)
         out.append("")
     grounding = load("grounding")

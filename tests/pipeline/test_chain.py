@@ -308,6 +308,18 @@ def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monke
     assert "https://help.northwind.example/articles/get-disposable-virtual-card" in result.reply
 
 
+def test_possible_fraud_under_the_confidence_threshold_still_goes_to_a_person(pipeline):
+    # A BANKING77 test message (direct_debit_payment_not_recognised) whose top intent is a hand-off
+    # one, under the threshold that would otherwise send it to out-of-scope.
+    message = ("im so mad right now. theres several charges that I think my x boyfriend made on my card. the companys "
+               "on the website wouldn't refund me my money, they told me to contact my bank. DO something please.")
+    understanding = pipeline.understand([message])[0]
+    assert understanding.confidence < pipeline.classifier.oos_threshold
+    assert understanding.intent == understanding.top_intents[0]["intent"] in pipeline.settings.handoff_intents
+    assert understanding.escalate and not understanding.out_of_scope and not understanding.unsure
+    assert pipeline.run_understood(understanding).reply.startswith(HANDOFF_OPENING)
+
+
 def test_an_oos_class_that_wins_suggests_no_articles(pipeline, monkeypatch):
     # A model trained with `oos` rows says so itself: that is not a question it is unsure of.
     predict = pipeline.classifier.predict
