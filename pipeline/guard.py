@@ -59,9 +59,10 @@ _ALREADY_SAID = 0.8
 _LOOP_WORDS = 8
 # A reply speaks to the customer. A small model at times narrates instead ("The customer is asking
 # about a lost card.", "The user should...", "A customer asked about a card that wasn't working, and
-# the answer was a bit misleading."), and what follows is no longer an answer.
-_NARRATION_OPENINGS = ("the customer", "the user", "a customer", "a user")
-_NARRATION = re.compile(r"(?:the|a) (?:customer|user)(?:'s|s)?\b(?!-| service| support)")
+# the answer was a bit misleading.") or writes a role label ("Customer answer:"), and what follows
+# is no longer an answer.
+_NARRATION_OPENINGS = ("the customer", "the user", "a customer", "a user", "customer", "user")
+_NARRATION = re.compile(r"(?:(?:the|a) )?(?:customer|user)(?:'s|s)?\b(?!-| service| support)")
 
 
 def _value(number: str) -> str:
@@ -245,7 +246,7 @@ class GroundingGuard:
     @property
     def identity(self) -> str:
         """What a cached reply depends on in the guard; the version moves when its rules do."""
-        return f"guard7:{self.similarity_threshold}:{self.complete_sentences}"
+        return f"guard8:{self.similarity_threshold}:{self.complete_sentences}"
 
     def check(self, reply: str, passages: list[Passage], whole: bool = True) -> GuardVerdict:
         """Whether the passages support ``reply``. A ``whole`` reply with no sentence of three

@@ -310,7 +310,12 @@ def test_a_draft_that_talks_about_the_customer_instead_of_to_them_ends_there():
     assert off_track("A customer question: The store refunded me last Monday.") == (0, 0)
     assert off_track(answer + "A cust") == (None, len(answer))
     assert off_track(answer + "A card") == (None, len(answer + "A card"))
-    for ours in ["A customer service agent can help.", "A user-friendly guide is in the app."]:
+    # a role label (grounding set, ga11, ga12 and gb13, 2026-12-07)
+    assert off_track(answer + "\n\nCustomer answer:\n\nFreeze it.") == (len(answer) + 2, len(answer) + 2)
+    assert off_track(answer + "Use the app.") == (None, len(answer + "Use the app."))
+    assert off_track(answer + "Us") == (None, len(answer))  # held: it may be "User"
+    for ours in ["A customer service agent can help.", "A user-friendly guide is in the app.",
+                 "Customer support is open 24/7."]:
         assert off_track(answer + ours) == (None, len(answer + ours))
 
 
