@@ -31,11 +31,22 @@ CHUNK_LEASE_KEY = "tandem:chunk:{}:lease"  # held by the worker drafting a batch
 WRITING = "tandem:replies:writing"  # ids of the replies workers have begun and not finished
 # An XADD that only the reply's latest writer may make (ReplyStream.claim); nil for any other.
 # A Redis that lost its data (restarted without persistence) has no writer: the first to
-# write claims the reply again rather than every writer stopping.
+# write claims the reply again rather than every writer stopping. Each event carries its
+# writer's sequence number (ARGV[6]): when Redis went down after the XADD but before its reply
+# reached the worker, the client's retry finds the event already last and adds nothing, where
+# it had written a token twice ("Activatingivating", a Redis restart in the test suite).
 _FENCED_XADD = """
 local writer = redis.call('get', KEYS[2])
 if writer and writer ~= ARGV[1] then return false end
-local id = redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3], 'data', ARGV[4])
+local last = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields = last[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'seq' and fields[i + 1] == ARGV[6] then return last[1] end
+  end
+end
+local id = redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3], 'data', ARGV[4],
+                      'seq', ARGV[6])
 redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[5])
 redis.call('expire', KEYS[1], ARGV[5])
 return id
@@ -93,6 +104,7 @@ class ReplyStream:
         self.maxlen = maxlen
         self.ttl_s = ttl_s
         self.writer: int | None = None  # set by claim
+        self.sequence = 0  # events this writer has published: with ``writer``, what makes a retry idempotent
         self._fenced_xadd = None  # the script a claimed writer publishes through, made once by claim
 
     def claim(self) -> None:
@@ -108,8 +120,10 @@ class ReplyStream:
     def publish(self, event: str, data: dict | str) -> str:
         payload = json.dumps(data, ensure_ascii=False)
         if self._fenced_xadd is not None:
-            event_id = self._fenced_xadd(
-                keys=[self.key, f"{self.key}:writer"], args=[self.writer, self.maxlen, event, payload, self.ttl_s])
+            self.sequence += 1
+            event_id = self._fenced_xadd(keys=[self.key, f"{self.key}:writer"],
+                                         args=[self.writer, self.maxlen, event, payload, self.ttl_s,
+                                               f"{self.writer}:{self.sequence}"])
             if event_id is None:
                 raise Superseded(f"{self.key} has a newer writer")
             return event_id

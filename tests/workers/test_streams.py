@@ -196,6 +196,24 @@ def test_a_writer_that_was_superseded_cannot_add_to_the_stream(client):
     assert client.get(f"tandem:reply:{reply_id}:writer") == str(second.writer)
 
 
+def test_a_retried_write_that_redis_had_made_is_not_written_twice(client):
+    """redis-py retries a command whose reply a Redis restart cut off; when Redis had made the
+    XADD (and kept it in its append-only file), the retry must not add the token again (a
+    restart test once streamed "Activatingivating")."""
+    reply_id = f"retry{time.time_ns()}"
+    stream = ReplyStream(client, reply_id, ttl_s=60)
+    stream.claim()
+    stream.publish("meta", {})
+    first = stream.publish("token", {"text": "Activ"})
+    stream.sequence -= 1  # the retry sends the same event with the same sequence number
+    assert stream.publish("token", {"text": "Activ"}) == first
+    stream.publish("token", {"text": "ating"})
+    stream.publish("done", {"reply": "Activating"})
+    events = list(stream_reply(client, reply_id, timeout_s=5))
+    assert [kind for _, kind, _ in events] == ["meta", "token", "token", "done"]
+    assert "".join(d["text"] for _, k, d in events if k == "token") == "Activating"
+
+
 @pytest.fixture
 def unwatched_client(redis_server):
     """A database no gen worker watches: the workers other tests start take lapsed leases over themselves."""
