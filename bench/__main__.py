@@ -197,6 +197,7 @@ def bench_oos(args) -> None:
     similarity to the nearest passage under which a share of in-scope training messages falls."""
     import numpy as np
 
+    from pipeline.chain import SUGGESTED_ARTICLES
     from pipeline.data_io import read_labelled_csv
     from pipeline.evaluation import load_questions
     from pipeline.settings import PACKAGE_DATA, Settings
@@ -225,7 +226,8 @@ def bench_oos(args) -> None:
         # Messages out of scope only for the intent model's low confidence get up to three articles
         # suggested; for labelled in-scope ones, how often their intent's article is among them.
         unsure = [i for i, u in enumerate(gated) if u.unsure]
-        found = sum(any(labels[i] in p.intents for p in gated[i].passages[:3]) for i in unsure) if labels else None
+        found = (sum(any(labels[i] in p.intents for p in gated[i].passages[:SUGGESTED_ARTICLES]) for i in unsure)
+                 if labels else None)
         rows.append({"set": name, "n": len(texts), "intent_model_alone": round(float(np.mean(alone)), 4),
                      "with_gate": round(float(np.mean([u.out_of_scope for u in gated])), 4),
                      "unsure": len(unsure), "unsure_with_their_article_suggested": found,

@@ -7,11 +7,12 @@ classifier's low confidence kept a message near a passage out; hand-off intents 
 holding reply, with the lead of the article written for the intent when retrieval found
 it. Neither calls the generator. Retrieval fuses the passage's similarity with the
 classifier's probability for the passage's intent, so a message whose wording is close to
-the wrong article still finds the article for its intent. The guard checks each sentence of a draft as it
-completes, and the draft stops at the first one it rejects, or where it goes off track: a
-sentence that repeats an earlier one, or that talks about the customer instead of to them (a
-sentence that may do either streams once it is clear that it does not). A second draft, asked
-for the article's steps, gets one more chance before the reply quotes the article.
+the wrong article still finds the article for its intent. The guard checks each sentence of
+a draft as it completes, and the draft stops at the first one it rejects, or where it goes
+off track: a sentence that repeats an earlier one, or that talks about the customer instead
+of to them (a sentence that may do either streams once it is clear that it does not). A
+second draft, asked for the article's steps, gets one more chance before the reply quotes
+the article.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ OOS_REPLY = ("Sorry, I can only help with questions about your Northwind account
              "Could you rephrase your question?")
 UNSURE_REPLY = ("Sorry, I'm not sure I understood. Could you rephrase your question? "
                 "One of these help articles may answer it:")
+SUGGESTED_ARTICLES = 3  # how many articles the reply to an unsure message lists
 HANDOFF_OPENING = ("This needs one of our specialists. I've passed your conversation to the team and someone "
                    "will reply here shortly.")
 HANDOFF_REPLY = f"{HANDOFF_OPENING} If your card may be in someone else's hands, freeze it now in the app."
@@ -244,26 +246,26 @@ class HybridPipeline:
         encoded_at = time.perf_counter()
         predictions = self.classifier.predict(vectors, messages, k=3)
         oos = self.classifier.oos_label
-        far = self._far_from_help_centre(vectors)
         handoff = self.settings.handoff_intents
-        for prediction, far_away in zip(predictions, far):
-            if far_away and prediction.intent not in handoff:  # a hand-off stays one
+        unsure = []
+        for prediction, far in zip(predictions, self._far_from_help_centre(vectors)):
+            leaning = prediction.top_intents[0]["intent"] if prediction.top_intents else oos
+            # Rejected only by the confidence threshold (not an `oos` class's win), near the help centre.
+            under_threshold = prediction.intent == oos and not far and leaning != oos
+            if far and prediction.intent not in handoff:  # a hand-off stays one
                 prediction.intent = oos
-            elif (prediction.intent == oos and not far_away and prediction.top_intents
-                  and prediction.top_intents[0]["intent"] in handoff):
+            elif under_threshold and leaning in handoff:
                 # Possible fraud under the confidence threshold still goes to a person: a false
                 # alarm costs a person a look, a miss leaves a customer with a stolen card waiting.
-                prediction.intent = prediction.top_intents[0]["intent"]
+                prediction.intent = leaning
+            unsure.append(under_threshold and prediction.intent == oos)
         per_message = 1000 / max(len(messages), 1)
         timings = {"encode": round((encoded_at - started) * per_message, 2),
                    "classify": round((time.perf_counter() - encoded_at) * per_message, 2)}
         return [Understanding(message=m, intent=p.intent, confidence=p.confidence, top_intents=p.top_intents,
-                              escalate=p.intent in self.settings.handoff_intents, out_of_scope=p.intent == oos,
-                              # under the threshold, not an `oos` class's win, and near the help centre
-                              unsure=p.intent == oos and not far_away and bool(p.top_intents)
-                              and p.top_intents[0]["intent"] != oos,
+                              escalate=p.intent in handoff, out_of_scope=p.intent == oos, unsure=doubt,
                               timings_ms=dict(timings))
-                for m, p, far_away in zip(messages, predictions, far)]
+                for m, p, doubt in zip(messages, predictions, unsure)]
 
     def _far_from_help_centre(self, vectors: np.ndarray) -> list[bool]:
         """Whether each message's nearest passage is under TANDEM_OOS_MIN_SIMILARITY. The intent
@@ -339,7 +341,7 @@ class HybridPipeline:
             reply, quoted_from = handoff_reply(understanding)
             yield Token(reply)
         elif understanding.out_of_scope:
-            quoted_from = understanding.passages[:3] if understanding.unsure else []
+            quoted_from = understanding.passages[:SUGGESTED_ARTICLES] if understanding.unsure else []
             reply = (UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in quoted_from)) if quoted_from else OOS_REPLY
             yield Token(reply)
         else:
