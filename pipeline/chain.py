@@ -153,6 +153,19 @@ def handoff_reply(understanding: Understanding) -> tuple[str, list[Passage]]:
     return HANDOFF_REPLY, []
 
 
+def handoff_under_threshold(leaning: str, nearest: list[Passage], handoff: Collection[str]) -> str | None:
+    """The hand-off intent an under-threshold message is escalated with, if retrieval points at
+    fraud: the intent model leans to a hand-off intent whose article is among the nearest
+    passages, or the nearest passage is a hand-off intent's article. The lean alone sent "can I make
+    a single-use card number?" (compromised_card at 0.23, nearest passages all about disposable
+    cards) to a person; without the nearest passage, sample ticket T0038 ("My wallet was stolen…
+    contactless payments on my card I didn't make") leans to contactless_not_working and was
+    asked to rephrase."""
+    if leaning in handoff and any(leaning in p.intents for p in nearest):
+        return leaning
+    return next((intent for intent in nearest[0].intents if intent in handoff), None) if nearest else None
+
+
 def unknown_intents(names: Iterable[str], known: Collection[str]) -> str:
     """What is wrong with ``names`` ("" when every one is in ``known``): each unknown name,
     with the known one closest to it, since the usual cause is a typo."""
@@ -248,16 +261,18 @@ class HybridPipeline:
         oos = self.classifier.oos_label
         handoff = self.settings.handoff_intents
         unsure = []
-        for prediction, far in zip(predictions, self._far_from_help_centre(vectors)):
+        threshold = self.settings.oos_min_similarity
+        for prediction, nearest in zip(predictions, self._nearest_passages(vectors)):
+            far = bool(threshold) and (not nearest or nearest[0].score < threshold)
             leaning = prediction.top_intents[0]["intent"] if prediction.top_intents else oos
             # Rejected only by the confidence threshold (not an `oos` class's win), near the help centre.
             under_threshold = prediction.intent == oos and not far and leaning != oos
             if far and prediction.intent not in handoff:  # a hand-off stays one
                 prediction.intent = oos
-            elif under_threshold and leaning in handoff:
+            elif under_threshold and (fraud := handoff_under_threshold(leaning, nearest, handoff)):
                 # Possible fraud under the confidence threshold still goes to a person: a false
                 # alarm costs a person a look, a miss leaves a customer with a stolen card waiting.
-                prediction.intent = leaning
+                prediction.intent = fraud
             unsure.append(under_threshold and prediction.intent == oos)
         per_message = 1000 / max(len(messages), 1)
         timings = {"encode": round((encoded_at - started) * per_message, 2),
@@ -267,15 +282,12 @@ class HybridPipeline:
                               timings_ms=dict(timings))
                 for m, p, doubt in zip(messages, predictions, unsure)]
 
-    def _far_from_help_centre(self, vectors: np.ndarray) -> list[bool]:
-        """Whether each message's nearest passage is under TANDEM_OOS_MIN_SIMILARITY. The intent
-        model always picks one of its intents, at times confidently ("Can you recommend a good home
-        insurance policy?" is `request_refund` at 0.92); a message that nothing in the help centre
-        is close to is out of scope whatever it picked."""
-        threshold = self.settings.oos_min_similarity
-        if not threshold or not len(vectors):
-            return [False] * len(vectors)
-        return [not found or found[0].score < threshold for found in self.index.search_many(vectors, 1)]
+    def _nearest_passages(self, vectors: np.ndarray) -> list[list[Passage]]:
+        """Each message's five nearest passages, best first. The intent model always picks one of
+        its intents, at times confidently ("Can you recommend a good home insurance policy?" is
+        `request_refund` at 0.92); a message whose nearest passage is under
+        TANDEM_OOS_MIN_SIMILARITY is out of scope whatever it picked."""
+        return self.index.search_many(vectors, 5) if len(vectors) else []
 
     def add_passages(self, understandings: list[Understanding]) -> list[Understanding]:
         vectors = self._encode([u.message for u in understandings])

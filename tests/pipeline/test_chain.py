@@ -319,6 +319,23 @@ def test_possible_fraud_under_the_confidence_threshold_still_goes_to_a_person(pi
     assert understanding.escalate and not understanding.out_of_scope and not understanding.unsure
     assert pipeline.run_understood(understanding).reply.startswith(HANDOFF_OPENING)
 
+    # Sample ticket T0038 leans to a card intent under the threshold, but its nearest passage is
+    # the compromised-card article: retrieval's word for fraud is enough.
+    message = ("My wallet was stolen on the tube this morning and there are already contactless payments on my card "
+               "I didn't make. Block it and refund me please!")
+    understanding = pipeline.understand([message])[0]
+    assert understanding.confidence < pipeline.classifier.oos_threshold
+    assert understanding.top_intents[0]["intent"] not in pipeline.settings.handoff_intents
+    assert understanding.escalate and understanding.intent == "compromised_card" and not understanding.unsure
+
+    # A weak lean to a fraud intent with no fraud article among the nearest passages is a question
+    # the model is unsure of, not fraud: its articles are suggested.
+    message = "I am on the free plan, can I make a single-use card number for online shopping?"
+    understanding = pipeline.understand([message])[0]
+    assert understanding.top_intents[0]["intent"] in pipeline.settings.handoff_intents
+    assert not understanding.escalate and understanding.out_of_scope and understanding.unsure
+    assert "get_disposable_virtual_card" in understanding.passages[0].intents
+
 
 def test_an_oos_class_that_wins_suggests_no_articles(pipeline, monkeypatch):
     # A model trained with `oos` rows says so itself: that is not a question it is unsure of.
