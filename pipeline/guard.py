@@ -45,6 +45,14 @@ _TENS = [w for w, n in _NUMBER_WORDS.items() if int(n) >= 20]
 # "twenty-five" is one count, not 20 and 5.
 _NUMBER_WORD = re.compile(rf"\b(?:({'|'.join(_TENS)})[\s-]({'|'.join(_UNITS)})|({'|'.join(_NUMBER_WORDS)}))\b",
                           re.IGNORECASE)
+# "One" is read as a count only before a thing the help centre counts ("one free replacement",
+# "for one payment", "in one go"): elsewhere a reply says "the one you used" or "one of our team".
+_ONE_AS_COUNT = re.compile(
+    r"\bone(?=\s+(?:(?:free|extra|spare|new|single|more|further|physical|virtual|disposable|main|failed|wrong|"
+    r"working|business|calendar)\s+)?(?:payments?|cards?|accounts?|attempts?|tr(?:y|ies)|times?|transfers?|top-ups?|"
+    r"withdrawals?|replacements?|currenc(?:y|ies)|countr(?:y|ies)|purchases?|payees?|passcodes?|spares?|charges?|"
+    r"fees?|go|devices?|phones?|transactions?|requests?|codes?|minutes?|hours?|days?|weeks?|months?|years?)\b)",
+    re.IGNORECASE)
 _COUNT = r"\d+(?:[.,]\d+)*"  # counts in words are read as digits first (``in_digits``)
 _DURATION = re.compile(rf"\b({_COUNT})(?:\s*(?:–|—|-|to)\s*({_COUNT}))?[\s-]*"
                        r"(?:working |business |calendar )?(minute|hour|day|week|month|year)s?\b", re.IGNORECASE)
@@ -129,9 +137,9 @@ def unsupported_numbers(reply: str, source: str) -> list[str]:
     source says "3–5 working days" understates it. A single duration must be one the source
     gives alone or as the top of a range ("up to 5 days"); a range must match."""
     given_numbers = numbers_in(in_digits(source))
-    # Counts in words too ("up to three cards"), but not "one": a reply says "the one you used"
-    # or "one of our team" where no article gives a 1.
-    missing = sorted(n for n in numbers_in(in_digits(reply, but=("one",))) if not _supported(n, given_numbers))
+    # Counts in words too ("up to three cards"), and "one" where it counts something (_ONE_AS_COUNT).
+    counted = in_digits(_ONE_AS_COUNT.sub("1", reply), but=("one",))
+    missing = sorted(n for n in numbers_in(counted) if not _supported(n, given_numbers))
     given = durations_in(source)
     for start, end, unit in sorted(durations_in(reply)):
         if end and (start, end, unit) in given:
@@ -246,7 +254,7 @@ class GroundingGuard:
     @property
     def identity(self) -> str:
         """What a cached reply depends on in the guard; the version moves when its rules do."""
-        return f"guard8:{self.similarity_threshold}:{self.complete_sentences}"
+        return f"guard9:{self.similarity_threshold}:{self.complete_sentences}"
 
     def check(self, reply: str, passages: list[Passage], whole: bool = True) -> GuardVerdict:
         """Whether the passages support ``reply``. A ``whole`` reply with no sentence of three

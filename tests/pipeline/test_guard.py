@@ -15,7 +15,8 @@ from pipeline.guard import (
     unsupported_numbers,
     unwrapped,
 )
-from pipeline.knowledge import Passage
+from pipeline.knowledge import Passage, load_articles
+from pipeline.settings import PACKAGE_DATA
 
 
 def passage(text: str) -> Passage:
@@ -46,6 +47,23 @@ def test_numbers_must_be_given_as_the_same_kind(reply, unsupported):
     source = ("If it has not arrived after 10 working days, tell us by 10pm on Friday. A card costs £5, "
               "then 0.5% a month. You have a 30-day window.")
     assert unsupported_numbers(reply, source) == unsupported
+
+
+@pytest.mark.parametrize("reply, unsupported", [
+    ("You get one free replacement a year.", ["1"]),  # the passage gives two
+    ("You get two free replacements a year.", []),
+    ("A disposable card is for one payment.", ["1"]),
+    ("Use the one you ordered, or ask one of our team.", []),  # not counts
+    ("Freeze the old one in the app.", []),
+])
+def test_one_is_a_count_before_a_thing_counted(reply, unsupported):
+    assert unsupported_numbers(reply, "You get two free replacements a year; freeze a lost card in the app.") == unsupported
+
+
+def test_no_help_article_is_unsupported_against_itself():
+    articles = load_articles(PACKAGE_DATA / "helpcentre")
+    assert len(articles) == 77
+    assert [a.id for a in articles if unsupported_numbers(f"{a.title}\n{a.body}", f"{a.title}\n{a.body}")] == []
 
 
 def test_durations_are_read_with_their_ranges():
