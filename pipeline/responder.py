@@ -11,6 +11,8 @@ The help passages go in the user message, not the system message: measured with 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -73,6 +75,26 @@ class GenerationBackend(Protocol):
     def stream(self, messages: list[dict], limits: GenerationLimits) -> Iterator[str]: ...
 
 
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """transformers draws a tqdm bar of its own while it de-quantizes a GGUF file, past the
+    CLI's rich progress and into every worker's log; its logging switch does not reach it."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf
+    except ImportError:  # a transformers without GGUF support draws no such bar
+        yield
+        return
+    bar = getattr(gguf, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -93,7 +115,8 @@ class TransformersBackend:
         kwargs = {"gguf_file": gguf} if gguf else {}
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(model_name, **kwargs)
-            self._model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs).to(self.device).eval()
+            with _no_gguf_progress_bar():
+                self._model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load causal LM {self.model_name!r}: {exc}") from None
 

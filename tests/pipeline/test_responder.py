@@ -201,9 +201,11 @@ def test_openai_timeout_fails_a_stalled_server(scripted_server, stall):
 
 
 @pytest.mark.slow
-def test_transformers_backend_on_the_bundled_gguf(settings):
+def test_transformers_backend_on_the_bundled_gguf(settings, capfd):
     """Loads SmolLM2 through transformers (dequantised from the GGUF) and streams with a stop string."""
     backend = TransformersBackend(settings.responder_model)
+    backend.warm_up()
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' own bar stays off the terminal
     responder = Responder(backend, GenerationLimits(max_tokens=16, stop=["."], timeout_s=120))
     pieces = list(responder.stream("How long will my card take?", "card_delivery_estimate", [PASSAGE]))
     text = "".join(pieces)
