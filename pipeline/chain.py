@@ -166,6 +166,16 @@ def handoff_under_threshold(leaning: str, nearest: list[Passage], handoff: Colle
     return next((intent for intent in nearest[0].intents if intent in handoff), None) if nearest else None
 
 
+def unsure_reply(suggested: list[Passage]) -> str:
+    """The request to rephrase for a message the intent model is unsure of: the articles retrieval
+    found, then the first one's lead word for word, which often answers the question as it was
+    asked (grounding set, gb27: "Disposable virtual cards are included with the Plus and Premium
+    plans…"). A customer asked to rephrase has waited for nothing otherwise."""
+    reply = UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in suggested)
+    opening = lead(suggested[0])
+    return f"{reply}\n\nFrom \"{suggested[0].title}\": {opening}" if opening else reply
+
+
 def unknown_intents(names: Iterable[str], known: Collection[str]) -> str:
     """What is wrong with ``names`` ("" when every one is in ``known``): each unknown name,
     with the known one closest to it, since the usual cause is a typo."""
@@ -354,7 +364,7 @@ class HybridPipeline:
             yield Token(reply)
         elif understanding.out_of_scope:
             quoted_from = understanding.passages[:SUGGESTED_ARTICLES] if understanding.unsure else []
-            reply = (UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in quoted_from)) if quoted_from else OOS_REPLY
+            reply = unsure_reply(quoted_from) if quoted_from else OOS_REPLY
             yield Token(reply)
         else:
             shown = understanding.passages[: self.responder.max_passages]
@@ -443,10 +453,11 @@ class HybridPipeline:
     def reply_identity(self) -> str:
         """What a cached reply (its tokens too) depends on besides the message, its intent and the index."""
         # "q": the guard's quoted answer streams as a token; "h": a hand-off quotes its article's
-        # lead; "s": an unsure message gets articles suggested. Replies cached before are not served.
+        # lead; "s": an unsure message gets articles suggested, "l" with the first one's lead.
+        # Replies cached before are not served.
         return (f"{self.responder.identity}|{self.guard.identity}|"
                 f"{int(self.settings.guard_stop_early)}{int(self.settings.guard_hold_sentences)}"
-                f"{int(self.settings.guard_second_draft)}qhs")
+                f"{int(self.settings.guard_second_draft)}qhsl")
 
     def stream(self, message: str | bytes, history: list[dict] | None = None) -> Iterator[Event]:
         yield from self.respond(self.understand([message])[0], history)

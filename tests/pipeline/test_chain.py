@@ -303,7 +303,12 @@ def test_out_of_scope_gets_a_rephrase_request_without_generation(pipeline, monke
     result = pipeline.run(message)
     assert result.intent == "oos" and result.grounded and not result.escalate
     suggested = understanding.passages[:3]
-    assert result.reply == UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in suggested)
+    assert result.reply.startswith(UNSURE_REPLY + "".join(f"\n- {p.title}: {p.url}" for p in suggested) + "\n\n")
+    # The first article's lead, word for word, answers the question as asked.
+    assert result.reply.endswith('From "How to get a disposable virtual card": Disposable virtual cards are included '
+                                 "with the Plus and Premium plans. Create one in Cards → Add card → Disposable virtual "
+                                 "card; its number changes automatically after every payment, and you can create up "
+                                 "to 20 a day.")
     assert result.sources[0] == "get-disposable-virtual-card" and len(result.sources) == 3
     assert "https://help.northwind.example/articles/get-disposable-virtual-card" in result.reply
 
