@@ -33,6 +33,11 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
 - ``kv-cache``: the batcher with an f16 and a q8_0 KV cache (``TANDEM_RESPONDER_KV_CACHE``), in
   alternation at 1, 8 and 16 short and grounded streams: tokens/s, the resident memory each
   context added when it was built, and how many of the 16 grounded replies the two write alike.
+- ``static-int8``: the encoder with static int8 activations (scales calibrated once on 512 BANKING77
+  train messages: MinMax in QDQ format, Percentile in QDQ and in QOperator format) against the
+  shipped dynamic int8 one, whose activation scale is computed per batch: BANKING77 test accuracy
+  with the shipped head, batched and with each message alone, how many messages are served another
+  intent alone than batched, and encoder messages/s on 1,024 test messages, three alternating rounds.
 - ``kv-cache-grounding``: the grounding set (llama_cpp, drafts in full, as `bench grounding` runs it)
   with an f16 and a q8_0 KV cache: key-fact recall and unsupported numbers before and after the guard.
 - ``number-binding``: a check the guard does not make, tried on the drafts and replies `bench grounding`
@@ -527,12 +532,103 @@ def number_binding(args) -> None:
         print(f"{backend}: {drafts} drafts and {replies} final replies flagged of {len(rows)}", flush=True)
 
 
+def static_int8(args) -> None:
+    import csv
+    import shutil
+    import tempfile
+    import warnings
+
+    import onnx
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from pipeline.encoder import SentenceEncoder, onnx_session
+
+    pipeline = _pipeline(load_responder=False)
+    encoder = pipeline.encoder
+    shipped = encoder._onnx
+    work = Path(tempfile.mkdtemp(prefix="static-int8-"))
+    fp32 = work / "fp32.onnx"
+    torch_encoder = SentenceEncoder(pipeline.settings.encoder, max_length=encoder.max_length)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch_encoder.model
+
+        def forward(self, input_ids, attention_mask):
+            return torch_encoder.forward({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    sample = torch_encoder.tokenize(["a sample message to trace", "hi"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Pooled(), (sample["input_ids"], sample["attention_mask"]), str(fp32),
+                          input_names=["input_ids", "attention_mask"], output_names=["vectors"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                        "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    graph = onnx.load(str(fp32)).graph
+    weights = {w.name for w in graph.initializer}
+    products = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+    train = [row["text"] for row in csv.DictReader((PACKAGE_DATA / "banking77" / "train.csv").open())]
+    calibration = [train[i] for i in np.random.default_rng(0).choice(len(train), 512, replace=False)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, fixed_shape: bool):
+            batches = [batch for _, batch in encoder.batches(calibration)]
+            if fixed_shape:  # a histogram takes one shape across batches: 8 messages padded to 64 tokens
+                padded = []
+                for batch in (b for b in batches if len(b["input_ids"]) == 8):
+                    ids, mask = np.full((8, 64), encoder._pad_id, np.int64), np.zeros((8, 64), np.int64)
+                    width = min(64, batch["input_ids"].shape[1])
+                    ids[:, :width], mask[:, :width] = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
+                    padded.append({"input_ids": ids, "attention_mask": mask})
+                batches = padded
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    sessions = {"dynamic (shipped)": shipped}
+    for method, form in (("MinMax", "QDQ"), ("Percentile", "QDQ"), ("Percentile", "QOperator")):
+        out = work / f"{method}.{form}.onnx"
+        quantize_static(str(fp32), str(out), Reader(method != "MinMax"), quant_format=getattr(QuantFormat, form),
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=["MatMul"], nodes_to_exclude=products,
+                        calibrate_method=getattr(CalibrationMethod, method))
+        sessions[f"static, {method}, {form}"] = onnx_session(out, 1)
+
+    texts, labels = banking77_test()
+    for name, session in sessions.items():
+        encoder._onnx = session
+        batched = encoder.encode(texts)
+        alone = np.concatenate([encoder.encode([t]) for t in texts])
+        served = {way: [p.intent for p in pipeline.classifier.predict(vectors, texts, k=3)]
+                  for way, vectors in (("batched", batched), ("alone", alone))}
+        accuracy = {way: np.mean([i == y for i, y in zip(intents, labels)]) for way, intents in served.items()}
+        print(f"{name}: accuracy batched {accuracy['batched']:.2%}, alone {accuracy['alone']:.2%}; served another "
+              f"intent alone than batched: {sum(a != b for a, b in zip(served['batched'], served['alone']))} of "
+              f"{len(texts)}", flush=True)
+    speed: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(3):
+        for name, session in sessions.items():
+            encoder._onnx = session
+            encoder.encode(texts[:16])
+            started = time.perf_counter()
+            encoder.encode(texts[:1024])
+            speed[name].append(1024 / (time.perf_counter() - started))
+    best = max(speed["dynamic (shipped)"])
+    for name, runs in speed.items():
+        print(f"{name}: {max(runs):.0f} messages/s, best of three ({max(runs) / best:.2f}x shipped)")
+    shutil.rmtree(work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.explore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
                  "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory", "query-likelihood",
-                 "kv-cache-grounding", "number-binding"):
+                 "kv-cache-grounding", "number-binding", "static-int8"):
         sub.add_parser(name)
     sub.add_parser("kv-cache").add_argument("--rounds", type=int, default=3)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
