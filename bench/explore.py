@@ -154,11 +154,10 @@ def onnx_optimizer(args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     import onnx
-    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
 
-    from pipeline.encoder import SentenceEncoder, _Pooled, onnx_session
+    from pipeline.encoder import SentenceEncoder, activation_products, onnx_session
 
     settings = Settings()
     encoder = SentenceEncoder(settings.encoder, max_length=settings.encoder_max_length,
@@ -166,18 +165,11 @@ def onnx_optimizer(args) -> None:
     encoder.warm_up()
     folder = Path(tempfile.mkdtemp(prefix="tandem-onnx-"))
     fp32 = folder / "fp32.onnx"
-    sample = encoder.tokenize(["a sample message to trace", "hi"])
-    torch.onnx.export(_Pooled(encoder), (sample["input_ids"], sample["attention_mask"]), str(fp32),
-                      input_names=["input_ids", "attention_mask"], output_names=["vectors"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-                                    "vectors": {0: "batch"}}, opset_version=17, dynamo=False)
+    encoder.export_onnx(fp32)
 
     def int8(source: Path, target: Path) -> Path:  # as SentenceEncoder._export_int8 quantizes
-        graph = onnx.load(str(source)).graph
-        weights = {w.name for w in graph.initializer}
-        products = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=products,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=activation_products(source),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         return target
 
@@ -536,40 +528,18 @@ def static_int8(args) -> None:
     import csv
     import shutil
     import tempfile
-    import warnings
 
-    import onnx
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from pipeline.encoder import SentenceEncoder, onnx_session
+    from pipeline.encoder import SentenceEncoder, activation_products, onnx_session
 
     pipeline = _pipeline(load_responder=False)
     encoder = pipeline.encoder
     shipped = encoder._onnx
     work = Path(tempfile.mkdtemp(prefix="static-int8-"))
     fp32 = work / "fp32.onnx"
-    torch_encoder = SentenceEncoder(pipeline.settings.encoder, max_length=encoder.max_length)
-
-    class Pooled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = torch_encoder.model
-
-        def forward(self, input_ids, attention_mask):
-            return torch_encoder.forward({"input_ids": input_ids, "attention_mask": attention_mask})
-
-    sample = torch_encoder.tokenize(["a sample message to trace", "hi"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Pooled(), (sample["input_ids"], sample["attention_mask"]), str(fp32),
-                          input_names=["input_ids", "attention_mask"], output_names=["vectors"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                        "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    graph = onnx.load(str(fp32)).graph
-    weights = {w.name for w in graph.initializer}
-    products = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+    SentenceEncoder(pipeline.settings.encoder, max_length=encoder.max_length).export_onnx(fp32)
+    products = activation_products(fp32)
     train = [row["text"] for row in csv.DictReader((PACKAGE_DATA / "banking77" / "train.csv").open())]
     calibration = [train[i] for i in np.random.default_rng(0).choice(len(train), 512, replace=False)]
 

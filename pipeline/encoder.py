@@ -48,6 +48,16 @@ def onnx_session(path: Path | str, threads_per_run: int):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def activation_products(graph_path: Path) -> list[str]:
+    """The graph's MatMul nodes with no weight among their inputs (attention's query-key and
+    score-value products): an activation times an activation, which costs accuracy in int8."""
+    import onnx
+
+    graph = onnx.load(str(graph_path)).graph
+    weights = {w.name for w in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+
+
 class SentenceEncoder:
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 16, max_length: int = 128,
                  batch_tokens: int = 0):
@@ -248,14 +258,12 @@ class SentenceEncoder:
             start += size
         return batches
 
-    def _export_int8(self, target: Path) -> None:
-        import onnx
+    def export_onnx(self, path: Path) -> None:
+        """The encoder with its pooling and normalisation as one fp32 ONNX graph, batch and
+        length dynamic (the int8 copy and `bench.explore static-int8` start from it)."""
         import torch
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
         class Pooled(torch.nn.Module):
-            """The encoder with its pooling and normalisation, as one graph to export."""
-
             def __init__(self, encoder: SentenceEncoder):
                 super().__init__()
                 self.encoder = encoder
@@ -264,21 +272,24 @@ class SentenceEncoder:
             def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
                 return self.encoder.forward({"input_ids": input_ids, "attention_mask": attention_mask})
 
+        sample = self.tokenize(["a sample message to trace", "hi"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on control flow it does not need
+            torch.onnx.export(Pooled(self), (sample["input_ids"], sample["attention_mask"]), str(path),
+                              input_names=["input_ids", "attention_mask"], output_names=["vectors"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                            "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+
+    def _export_int8(self, target: Path) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
         target.parent.mkdir(parents=True, exist_ok=True)
         fp32 = target.with_name(f"{target.name}.{os.getpid()}.fp32")
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         try:
-            sample = self.tokenize(["a sample message to trace", "hi"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the tracer's notes on control flow it does not need
-                torch.onnx.export(Pooled(self), (sample["input_ids"], sample["attention_mask"]), str(fp32),
-                                  input_names=["input_ids", "attention_mask"], output_names=["vectors"],
-                                  dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                                "attention_mask": {0: "batch", 1: "tokens"}, "vectors": {0: "batch"}},
-                                  opset_version=17, dynamo=False)
-            graph = onnx.load(str(fp32)).graph
-            weights = {w.name for w in graph.initializer}
-            products = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+            self.export_onnx(fp32)
+            products = activation_products(fp32)
             quiet = _DropRecords("pre-processing before quantization")  # onnxruntime's advice for image models
             logging.getLogger().addFilter(quiet)
             try:
