@@ -4,9 +4,21 @@ import json
 
 import pytest
 
-from pipeline.chain import HANDOFF_OPENING, HANDOFF_REPLY, OOS_REPLY, UNSURE_REPLY, Done, Meta, Token, Understanding, clean_message
+from pipeline.chain import (
+    HANDOFF_OPENING,
+    HANDOFF_REPLY,
+    OOS_REPLY,
+    UNSURE_REPLY,
+    Done,
+    Meta,
+    Token,
+    Understanding,
+    clean_message,
+    handoff_under_threshold,
+)
 from pipeline.errors import InputError
 from pipeline.evaluation import grounding_eval, load_questions, retrieval_recall
+from pipeline.knowledge import Passage
 from pipeline.responder import ANSWER, STEPS
 from pipeline.settings import PACKAGE_DATA
 
@@ -340,6 +352,25 @@ def test_possible_fraud_under_the_confidence_threshold_still_goes_to_a_person(pi
     assert understanding.top_intents[0]["intent"] in pipeline.settings.handoff_intents
     assert not understanding.escalate and understanding.out_of_scope and understanding.unsure
     assert "get_disposable_virtual_card" in understanding.passages[0].intents
+
+
+def test_which_hand_off_an_under_threshold_message_gets():
+    def near(*intents: str) -> list[Passage]:
+        return [Passage(i, i, "", "", 0.6 - n / 100, [i]) for n, i in enumerate(intents)]
+
+    handoff = {"compromised_card", "card_payment_not_recognised"}
+    # The lean, where its article is among the nearest passages.
+    assert handoff_under_threshold("compromised_card", near("lost_or_stolen_card", "compromised_card"), handoff) == \
+        "compromised_card"
+    # The nearest passage's hand-off intent, whatever the lean.
+    assert handoff_under_threshold("contactless_not_working", near("card_payment_not_recognised", "compromised_card"),
+                                   handoff) == "card_payment_not_recognised"
+    # A hand-off lean that retrieval does not back, a hand-off article that is not the nearest, nothing near.
+    assert handoff_under_threshold("compromised_card", near("get_disposable_virtual_card", "card_acceptance"),
+                                   handoff) is None
+    assert handoff_under_threshold("contactless_not_working", near("contactless_not_working", "compromised_card"),
+                                   handoff) is None
+    assert handoff_under_threshold("compromised_card", [], handoff) is None
 
 
 def test_an_oos_class_that_wins_suggests_no_articles(pipeline, monkeypatch):
