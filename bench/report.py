@@ -77,14 +77,19 @@ def main() -> None:
                       f"(`TANDEM_OOS_MIN_SIMILARITY`={oos['threshold']}, the similarity under which "
                       f"{pct(oos['in_scope_share'])} of {oos['calibrated_on']} fall):\n"))
         suggested = all("handed_off_under_threshold" in row for row in oos["rows"])  # counted since 2026-12-07
+        alone = all("handed_off_under_threshold_alone" in row for row in oos["rows"])  # since that afternoon
         out.append("| messages | n | intent model alone | with the gate |"
                    + (" articles suggested (unsure) | their intent's article among them | handed off under the threshold |"
-                      "\n|---|---|---|---|---|---|---|" if suggested else "\n|---|---|---|---|"))
+                      if suggested else "")
+                   + (" the same, each message alone |" if suggested and alone else "")
+                   + "\n|" + "---|" * (4 + 3 * suggested + (suggested and alone)))
         for row in oos["rows"]:
             line = f"| {row['set']} | {row['n']} | {pct(row['intent_model_alone'])} | {pct(row['with_gate'])} |"
             if suggested:
                 found, unsure = row["unsure_with_their_article_suggested"], row["unsure"]
                 line += f" {unsure} | {'–' if found is None else f'{found} of {unsure}'} | {row['handed_off_under_threshold']} |"
+                if alone:
+                    line += f" {row['handed_off_under_threshold_alone']} |"
             out.append(line)
         out.append("")
     grounding = load("grounding")
