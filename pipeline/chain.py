@@ -272,7 +272,7 @@ class HybridPipeline:
         handoff = self.settings.handoff_intents
         unsure = []
         threshold = self.settings.oos_min_similarity
-        for prediction, nearest in zip(predictions, self._nearest_passages(vectors)):
+        for row, (prediction, nearest) in enumerate(zip(predictions, self._nearest_passages(vectors))):
             far = bool(threshold) and (not nearest or nearest[0].score < threshold)
             leaning = prediction.top_intents[0]["intent"] if prediction.top_intents else oos
             # Rejected only by the confidence threshold (not an `oos` class's win), near the help centre.
@@ -283,6 +283,9 @@ class HybridPipeline:
                 # Possible fraud under the confidence threshold still goes to a person: a false
                 # alarm costs a person a look, a miss leaves a customer with a stolen card waiting.
                 prediction.intent = fraud
+                if fraud != leaning:  # the confidence reported is the model's own for the intent reported
+                    probabilities = self.classifier.probabilities(vectors[row:row + 1], [messages[row]])[0]
+                    prediction.confidence = round(float(probabilities[self.classifier.labels.index(fraud)]), 4)
             unsure.append(under_threshold and prediction.intent == oos)
         per_message = 1000 / max(len(messages), 1)
         timings = {"encode": round((encoded_at - started) * per_message, 2),

@@ -344,6 +344,8 @@ def test_possible_fraud_under_the_confidence_threshold_still_goes_to_a_person(pi
     assert understanding.confidence < pipeline.classifier.oos_threshold
     assert understanding.top_intents[0]["intent"] not in pipeline.settings.handoff_intents
     assert understanding.escalate and understanding.intent == "compromised_card" and not understanding.unsure
+    # Its confidence is the model's for compromised_card, not for the intent it leaned to.
+    assert understanding.confidence < understanding.top_intents[-1]["confidence"]
 
     # A weak lean to a fraud intent with no fraud article among the nearest passages is a question
     # the model is unsure of, not fraud: its articles are suggested.
