@@ -33,6 +33,8 @@ its figures and saves nothing. ``python -m bench.explore NAME``; none is part of
 - ``kv-cache``: the batcher with an f16 and a q8_0 KV cache (``TANDEM_RESPONDER_KV_CACHE``), in
   alternation at 1, 8 and 16 short and grounded streams: tokens/s, the resident memory each
   context added when it was built, and how many of the 16 grounded replies the two write alike.
+- ``one-as-count``: the guard's reading of "one" as a count before a counted thing, replayed on the
+  same saved drafts and replies: how many of each it changes the verdict on, per backend.
 - ``static-int8``: the encoder with static int8 activations (scales calibrated once on 512 BANKING77
   train messages: MinMax in QDQ format, Percentile in QDQ and in QOperator format) against the
   shipped dynamic int8 one, whose activation scale is computed per batch: BANKING77 test accuracy
@@ -507,17 +509,40 @@ def number_binding(args) -> None:
                 flags.append(f"{value} {' '.join(words)} (the passage: {', '.join(sorted(beside))})")
         return flags
 
+    _replay_saved_drafts(swapped)
+
+
+def one_as_count(args) -> None:
+    import re
+
+    from pipeline import guard
+
+    def changed(text: str, source: str) -> list[str]:
+        """The numbers whose verdict reading "one" as a count before a counted thing changes."""
+        with_rule = set(guard.unsupported_numbers(text, source))
+        rule, guard._ONE_AS_COUNT = guard._ONE_AS_COUNT, re.compile(r"(?!)")  # "one" left unread, as before
+        try:
+            return sorted(with_rule ^ set(guard.unsupported_numbers(text, source)))
+        finally:
+            guard._ONE_AS_COUNT = rule
+
+    _replay_saved_drafts(changed)
+
+
+def _replay_saved_drafts(check) -> None:
+    """``check(text, source)`` (what it flags) on each help article against itself, then on every
+    first draft and final reply `bench grounding` saved, against the passages shown for its question."""
     pipeline = _pipeline(load_responder=False)
     questions = _questions()
     sources = {q["id"]: "\n".join(f"{p.title}\n{p.text}" for p in u.passages[: pipeline.settings.max_passages_in_prompt])
                for q, u in zip(questions, pipeline.understand([q["question"] for q in questions]))}
     print("articles flagged against themselves:",
-          sum(bool(swapped(f"{a.title}\n{a.body}", f"{a.title}\n{a.body}")) for a in pipeline.index.articles.values()))
+          sum(bool(check(f"{a.title}\n{a.body}", f"{a.title}\n{a.body}")) for a in pipeline.index.articles.values()))
     saved = json.loads((Path(__file__).parent / "results" / "grounding.json").read_text())
     for backend, rows in saved["rows"].items():
         drafts = replies = 0
         for row in rows:
-            in_draft, in_reply = swapped(row["draft"], sources[row["id"]]), swapped(row["reply"], sources[row["id"]])
+            in_draft, in_reply = check(row["draft"], sources[row["id"]]), check(row["reply"], sources[row["id"]])
             drafts, replies = drafts + bool(in_draft), replies + bool(in_reply)
             if in_draft or in_reply:
                 print(f"  {backend} {row['id']}: draft {in_draft}, reply {in_reply}")
@@ -598,7 +623,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="name", required=True)
     for name in ("prefill-chunk", "fusion-weight", "faq-training", "onnx-optimizer", "flash-attention", "stream-rounds",
                  "single-stream-phases", "first-token-split", "iq4-nl-e2e", "worker-memory", "query-likelihood",
-                 "kv-cache-grounding", "number-binding", "static-int8"):
+                 "kv-cache-grounding", "number-binding", "static-int8", "one-as-count"):
         sub.add_parser(name)
     sub.add_parser("kv-cache").add_argument("--rounds", type=int, default=3)
     sub.add_parser("passages").add_argument("n", type=int, choices=(1, 2, 3))
